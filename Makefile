@@ -1,0 +1,51 @@
+# farreid — `make help` lists the targets. Everything runs inside a local virtualenv (.venv).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FARREID := $(VENV)/bin/farreid
+DEMO_ROOT ?= data/demo
+TORCH_CPU ?= torch==2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo demo-data test test-slow lint format bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## create .venv with the CPU build of torch and farreid[dev] (editable)
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# The CPU wheel first: the range in pyproject then installs nothing heavier (no multi-GB CUDA build).
+	$(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+demo-data: install ## generate the DetReIDX-format demo dataset in $(DEMO_ROOT) if missing
+	@test -f $(DEMO_ROOT)/.complete || ($(PY) -m farreid.data.synthetic $(DEMO_ROOT) --seed 0 && touch $(DEMO_ROOT)/.complete)
+
+demo: demo-data ## set up, generate demo data, score the untrained model, fit, test, print the per-case table
+	$(PY) -m farreid.demo --config configs/demo.yaml
+
+test: install ## the fast test tier (CPU, hermetic)
+	$(VENV)/bin/pytest -q -m "not slow and not gpu"
+
+test-slow: install ## the slow tier (longer CPU runs)
+	$(VENV)/bin/pytest -q -m "slow"
+
+lint: install ## ruff check + format check
+	$(VENV)/bin/ruff check farreid tests benchmarks
+	$(VENV)/bin/ruff format --check farreid tests benchmarks
+
+format: install ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix farreid tests benchmarks
+	$(VENV)/bin/ruff format farreid tests benchmarks
+
+bench: demo-data ## run the benchmarks (loader, model, re-ranking) and print their figures
+	$(PY) benchmarks/loader.py --root $(DEMO_ROOT)
+	$(PY) benchmarks/model.py
+	$(PY) benchmarks/reranking.py
+
+clean: ## remove runs, demo data and caches (keeps .venv)
+	rm -rf runs $(DEMO_ROOT) .pytest_cache .ruff_cache

@@ -1,0 +1,181 @@
+"""LightningDataModule for DetReIDX-format tracklets: P×K identity batches, validation split, case folders."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, DistributedSampler
+
+from farreid.data.dataset import TrackletDataset
+from farreid.data.detreidx import Tracklet, read_split
+from farreid.data.protocols import EvalSet, released_cases, split_identities, validation_cases
+from farreid.data.sampling import IdentityBatchSampler
+from farreid.data.transforms import TrackletTransform
+
+ROOT_ENV = "FARREID_DATA"
+
+
+class DetReIDXDataModule(L.LightningDataModule):
+    """Training tracklets in P×K identity batches, a validation split carved from training identities, and the
+    released case folders for ``test``/``predict``.
+
+    The module owns distributed sampling (the CLI sets ``trainer.use_distributed_sampler=False``): training
+    ranks draw disjoint identities from one :class:`IdentityBatchSampler`, evaluation ranks split the tracklets.
+
+    Args:
+        root: dataset root (``ROOT/train``, ``ROOT/case1_aerial_to_ground``, ...); falls back to the
+            ``FARREID_DATA`` environment variable so that no machine path lives in a committed config.
+        image_size: (height, width) fed to the backbone; 256×128 in the paper.
+        num_frames: frames per training clip (T).
+        num_frames_test: frames per evaluation clip; defaults to ``num_frames``.
+        p: identities per batch. k: tracklets per identity.
+        val_share: share of training identities held out to re-create A2G/G2A/A2A for model selection.
+        split_seed: seed of that split (independent of the training seed, so runs share one split).
+        batch_size_test: clips per evaluation batch.
+        num_workers: DataLoader workers.
+        flip_p, erase_p, pad, color_jitter: training augmentation, decided once per tracklet.
+        test_split: what ``test``/``predict`` evaluate: the released ``"cases"`` folders or the ``"val"`` split.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        image_size: tuple[int, int] = (256, 128),
+        num_frames: int = 8,
+        num_frames_test: int | None = None,
+        p: int = 8,
+        k: int = 4,
+        val_share: float = 0.2,
+        split_seed: int = 0,
+        batch_size_test: int = 16,
+        num_workers: int = 4,
+        flip_p: float = 0.5,
+        erase_p: float = 0.5,
+        pad: int = 10,
+        color_jitter: float = 0.0,
+        test_split: str = "cases",
+    ) -> None:
+        super().__init__()
+        root = root or os.environ.get(ROOT_ENV)
+        if not root:
+            raise ValueError(f"data.root is not set: pass --data.root PATH or set {ROOT_ENV}=PATH")
+        if test_split not in ("cases", "val"):
+            raise ValueError(f"data.test_split must be 'cases' or 'val', got {test_split!r}")
+        self.save_hyperparameters()
+        self.root = str(root)
+        self.num_frames_test = num_frames_test or num_frames
+        self.train_set: TrackletDataset | None = None
+        self.eval_sets: dict[str, EvalSet] = {}
+
+    # ----------------------------------------------------------------------------------------- splits
+    @cached_property
+    def _train_tracklets(self) -> list[Tracklet]:
+        return read_split(self.root, "train")
+
+    @cached_property
+    def _identity_split(self) -> tuple[list[int], list[int]]:
+        pids = [t.pid for t in self._train_tracklets]
+        return split_identities(pids, self.hparams.val_share, self.hparams.split_seed)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training identities (after the validation hold-out): the classifier's width."""
+        return len(self._identity_split[0])
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.train_set is None:
+            train_pids, _ = self._identity_split
+            label_of = {pid: i for i, pid in enumerate(train_pids)}
+            tracklets = [t for t in self._train_tracklets if t.pid in label_of]
+            self.train_set = TrackletDataset(
+                tracklets,
+                num_frames=self.hparams.num_frames,
+                training=True,
+                transform=self._transform(training=True),
+                labels=[label_of[t.pid] for t in tracklets],
+                seed=self.hparams.split_seed,
+            )
+        if stage in ("fit", "validate") and "val" not in self.eval_sets and self.hparams.val_share > 0:
+            _, val_pids = self._identity_split
+            held_out = set(val_pids)
+            self.eval_sets["val"] = validation_cases([t for t in self._train_tracklets if t.pid in held_out])
+        if stage in ("test", "predict") and "test" not in self.eval_sets:
+            if self.hparams.test_split == "val":
+                self.setup("validate")
+                self.eval_sets["test"] = self.eval_sets["val"]
+            else:
+                self.eval_sets["test"] = released_cases(self.root)
+        for name, eval_set in self.eval_sets.items():
+            rank_zero_info(f"[farreid] {name} set: {len(eval_set)} tracklets ({eval_set.describe()})")
+
+    # ------------------------------------------------------------------------------------ dataloaders
+    def _transform(self, training: bool) -> TrackletTransform:
+        h = self.hparams
+        if not training:
+            return TrackletTransform(image_size=tuple(h.image_size), training=False)
+        return TrackletTransform(
+            image_size=tuple(h.image_size),
+            training=True,
+            flip_p=h.flip_p,
+            erase_p=h.erase_p,
+            pad=h.pad,
+            color_jitter=h.color_jitter,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        trainer = self.trainer
+        sampler = IdentityBatchSampler(
+            self.train_set.labels,
+            p=h.p,
+            k=h.k,
+            seed=h.split_seed if trainer is None else int(os.environ.get("PL_GLOBAL_SEED", h.split_seed)),
+            num_replicas=1 if trainer is None else trainer.world_size,
+            rank=0 if trainer is None else trainer.global_rank,
+        )
+        return DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            num_workers=h.num_workers,
+            pin_memory=True,
+            persistent_workers=h.num_workers > 0,
+        )
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        if name not in self.eval_sets:
+            raise RuntimeError(f"no {name!r} evaluation set: is data.val_share > 0 (validation)?")
+        dataset = TrackletDataset(
+            self.eval_sets[name].tracklets,
+            num_frames=self.num_frames_test,
+            training=False,
+            transform=self._transform(training=False),
+        )
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Padded to equal length per rank; the evaluator drops the repeats by dataset index after gathering.
+            sampler = DistributedSampler(
+                dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size_test,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("val") if "val" in self.eval_sets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def eval_set(self, stage: str) -> EvalSet:
+        """The :class:`EvalSet` evaluated in a Lightning stage ("validate"/"fit" -> val, "test"/"predict")."""
+        return self.eval_sets["val" if stage in ("fit", "validate", "sanity_check") else "test"]

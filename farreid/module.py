@@ -1,0 +1,299 @@
+"""The LightningModule: CLIP vision backbone -> temporal pooling -> BNNeck heads, losses, optimizer groups.
+
+Two stages (DOMAIN.md §4, CLIP-ReID):
+- ``stage: 1`` trains only the per-identity text context vectors of :class:`TextPromptLearner` against image
+  features of the frozen backbone (image<->text SupCon) and writes them to ``text_prompts``;
+- ``stage: 2`` (default) reads them back frozen from the same path and trains the image side with the ID,
+  triplet, image->text cross-entropy and SupCon losses. Without ``text`` the module is a plain image model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from farreid.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy, SupConLoss
+from farreid.models.backbone import CLIPVisionBackbone
+from farreid.models.heads import BNNeck
+from farreid.models.pooling import TemporalAttentionPooling
+from farreid.models.text import TextPromptLearner
+from farreid.optim import apply_lr_mult, param_groups, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+class ReIDModule(L.LightningModule):
+    """Video person ReID on CLIP: per-frame backbone features, temporal pooling, BNNeck heads.
+
+    Args:
+        backbone: the vision tower (adapters, prompts and selective fine-tuning are configured on it).
+        pooling: builds the temporal pooling from the embedding width (``TemporalAttentionPooling`` or
+            ``MeanPooling``); its frame weights also pool the projection and the intermediate CLS.
+        num_classes: training identities; linked from ``data.num_classes`` by the CLI.
+        text: builds the text prompt learner from ``num_classes``; None trains without text supervision.
+        stage: 1 = learn the text prompts on the frozen image side, 2 = train the image side.
+        text_prompts: file the stage-1 context vectors are written to and stage 2 reads them from.
+        id_weight, triplet_weight, mid_triplet_weight, i2t_weight, supcon_weight: loss weights.
+        label_smoothing: epsilon of the identity loss. triplet_margin: margin of the cosine triplet.
+        logit_scale: multiplier of cosine similarities in the image<->text losses (CLIP's is 100).
+        optimizer: builds the optimizer from parameter groups (base LR, weight decay in its init args).
+        backbone_lr_mult: LR multiplier of the pretrained blocks that train (selective fine-tuning).
+        warmup_steps: linear warm-up steps of the warm-up + cosine schedule. min_lr_ratio: its final LR factor.
+        flip_tta: average the embedding of each clip with its horizontal flip at test time.
+        eval_feature: "bn" (after the BNNeck) or "raw" (before) for the retrieval embedding.
+    """
+
+    def __init__(
+        self,
+        backbone: CLIPVisionBackbone,
+        pooling: Callable[[int], nn.Module] = TemporalAttentionPooling,
+        num_classes: int = 0,
+        text: Callable[[int], TextPromptLearner] | None = None,
+        stage: int = 2,
+        text_prompts: str | None = None,
+        id_weight: float = 1.0,
+        triplet_weight: float = 1.0,
+        mid_triplet_weight: float = 0.5,
+        i2t_weight: float = 1.0,
+        supcon_weight: float = 0.0,
+        label_smoothing: float = 0.1,
+        triplet_margin: float = 0.3,
+        logit_scale: float = 100.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        backbone_lr_mult: float = 0.1,
+        warmup_steps: int = 500,
+        min_lr_ratio: float = 0.01,
+        flip_tta: bool = True,
+        eval_feature: str = "bn",
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"model.num_classes must be >= 1 (linked from data.num_classes), got {num_classes}")
+        if stage not in (1, 2):
+            raise ValueError(f"model.stage must be 1 or 2, got {stage}")
+        if stage == 1 and text is None:
+            raise ValueError("model.stage=1 learns text prompts: set model.text (a TextPromptLearner)")
+        if eval_feature not in ("bn", "raw"):
+            raise ValueError(f"model.eval_feature must be 'bn' or 'raw', got {eval_feature!r}")
+        self.save_hyperparameters(ignore=["backbone", "pooling", "text", "optimizer"])
+        self.backbone = backbone
+        self.pooling = pooling(backbone.embed_dim)
+        self.head_cls = BNNeck(backbone.embed_dim, num_classes)
+        self.head_proj = BNNeck(backbone.proj_dim, num_classes)
+        self.text = text(num_classes) if text is not None else None
+        self.optimizer_factory = optimizer
+        self.id_loss = LabelSmoothingCrossEntropy(epsilon=label_smoothing)
+        self.triplet_loss = BatchHardTripletLoss(margin=triplet_margin, metric="cosine")
+        self.supcon = SupConLoss()
+        self.register_buffer("text_bank", torch.empty(0), persistent=False)
+        if stage == 1:  # only the text context vectors learn in stage 1
+            for part in (self.backbone, self.pooling, self.head_cls, self.head_proj):
+                part.requires_grad_(False)
+        elif self.text is not None:
+            self.text.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, frames: torch.Tensor, camids: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        """Pooled clip features.
+
+        Args:
+            frames: (B, T, 3, H, W) normalised frames. camids: (B,) 0 ground, 1/2 UAV session.
+            mask: (B, T) True on real frames, False on padding repeats.
+
+        Returns:
+            dict with ``cls`` (B, D), ``proj`` (B, P), ``mid`` (B, D) or None, ``weights`` (B, T).
+        """
+        out = self.backbone.forward_features(frames, camids)
+        cls, weights = self.pooling(out.cls, mask)
+        w = weights.unsqueeze(-1).to(out.proj.dtype)  # (B, T) -> (B, T, 1)
+        proj = (w * out.proj).sum(1)
+        mid = (w * out.mid_cls).sum(1) if out.mid_cls is not None else None
+        return {"cls": cls, "proj": proj, "mid": mid, "weights": weights}
+
+    def _embed_once(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self(batch["frames"], batch["camid"], batch.get("mask"))
+        cls, proj = out["cls"], out["proj"]
+        if self.hparams.eval_feature == "bn":
+            cls, proj = self.head_cls(cls)[0], self.head_proj(proj)[0]
+        return torch.cat([cls, proj], dim=1).float(), out["weights"].float()
+
+    @torch.no_grad()
+    def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retrieval embedding: concatenated pooled CLS and projection, L2-normalised ((B, D+P), weights (B, T))."""
+        feats, weights = self._embed_once(batch)
+        if self.hparams.flip_tta:
+            flipped = dict(batch, frames=batch["frames"].flip(-1))
+            feats = feats + self._embed_once(flipped)[0]
+        return F.normalize(feats, dim=1), weights
+
+    # ---------------------------------------------------------------------------------------- training
+    def on_fit_start(self) -> None:
+        if self.text is None or self.hparams.stage == 1:
+            return
+        path = self.hparams.text_prompts
+        if path is None:
+            raise ValueError("model.text is set for stage 2 but model.text_prompts (stage 1's output) is not")
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"text prompts {path} not found: run stage 1 first "
+                "(farreid fit --config <your config> --config configs/stage1.yaml)"
+            )
+        context = torch.load(path, map_location=self.device, weights_only=True)["context"]
+        if context.shape != self.text.context.shape:
+            raise ValueError(
+                f"text prompts {path} hold context vectors of shape {tuple(context.shape)}, this model expects "
+                f"{tuple(self.text.context.shape)} (num_classes x n_ctx x width): was stage 1 run on other data?"
+            )
+        with torch.no_grad():
+            self.text.context.copy_(context)
+        with torch.no_grad():
+            self.text_bank = F.normalize(self.text.all_features().float(), dim=1)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        labels = batch["label"]
+        losses = self._stage1_losses(batch, labels) if self.hparams.stage == 1 else self._stage2_losses(batch, labels)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise FloatingPointError(
+                f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}): {parts}. Lower the learning rate or check the input frames."
+            )
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, on_epoch=False)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def _stage1_losses(self, batch: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            image = F.normalize(self(batch["frames"], batch["camid"], batch.get("mask"))["proj"].float(), dim=1)
+        text = F.normalize(self.text(labels).float(), dim=1)
+        scale = self.hparams.logit_scale
+        return {
+            "i2t_supcon": self.supcon(image * scale, text, labels, labels),
+            "t2i_supcon": self.supcon(text * scale, image, labels, labels),
+        }
+
+    def _stage2_losses(self, batch: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.hparams
+        out = self(batch["frames"], batch["camid"], batch.get("mask"))
+        _, logits_cls = self.head_cls(out["cls"])
+        _, logits_proj = self.head_proj(out["proj"])
+        losses = {
+            "id": h.id_weight * (self.id_loss(logits_cls.float(), labels) + self.id_loss(logits_proj.float(), labels)),
+            "triplet": h.triplet_weight
+            * (self.triplet_loss(out["cls"].float(), labels) + self.triplet_loss(out["proj"].float(), labels)),
+        }
+        if out["mid"] is not None and h.mid_triplet_weight > 0:
+            losses["mid_triplet"] = h.mid_triplet_weight * self.triplet_loss(out["mid"].float(), labels)
+        if self.text is not None and self.text_bank.numel() > 0:
+            image = F.normalize(out["proj"].float(), dim=1)
+            if h.i2t_weight > 0:
+                losses["i2t"] = h.i2t_weight * F.cross_entropy(h.logit_scale * image @ self.text_bank.T, labels)
+            if h.supcon_weight > 0:
+                text = self.text_bank[labels]
+                losses["supcon"] = h.supcon_weight * (
+                    self.supcon(image * h.logit_scale, text, labels, labels)
+                    + self.supcon(text * h.logit_scale, image, labels, labels)
+                )
+        return losses
+
+    def on_train_end(self) -> None:
+        if self.hparams.stage == 1 and self.trainer.is_global_zero:
+            path = Path(self.hparams.text_prompts or Path(self.trainer.default_root_dir) / "text_prompts.pt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"context": self.text.context.detach().cpu()}, path)
+            print(f"[farreid] stage 1 text prompts written to {path}")
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def _eval_step(self, batch: dict) -> dict:
+        feats, weights = self.embed(batch)
+        return {"features": feats, "weights": weights, "index": batch["index"]}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._eval_step(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._eval_step(batch)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._eval_step(batch)
+
+    # --------------------------------------------------------------------------------------- optimizer
+    def trainable_groups(self) -> list[dict]:
+        """Optimizer parameter groups: pretrained blocks at ``backbone_lr_mult``, everything new at 1×."""
+        if self.hparams.stage == 1:
+            return param_groups(self.text.named_parameters(prefix="text"), tag="text_")
+        new = list(self.backbone.new_parameters())
+        for prefix, part in (("pooling", self.pooling), ("head_cls", self.head_cls), ("head_proj", self.head_proj)):
+            new.extend(part.named_parameters(prefix=prefix))
+        return param_groups(
+            self.backbone.pretrained_trainable_parameters(), self.hparams.backbone_lr_mult, tag="backbone_"
+        ) + param_groups(new, 1.0, tag="new_")
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer over :meth:`trainable_groups`, each group's LR scaled by its multiplier."""
+        optimizer = self.optimizer_factory(self.trainable_groups())
+        apply_lr_mult(optimizer)
+        return optimizer
+
+    def configure_optimizers(self):
+        optimizer = self.build_optimizer()
+        factor = warmup_cosine(self.hparams.warmup_steps, self.trainer.estimated_stepping_batches, self.hparams.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _reloadable_prefixes(self) -> list[str]:
+        """State-dict prefixes of frozen weights that can be re-read from the pretrained directory."""
+        prefixes = []
+        if getattr(self.backbone, "pretrained", None):
+            prefixes.append("backbone.")
+        if self.text is not None and getattr(self.text, "pretrained", None):
+            prefixes.append("text.")
+        return prefixes
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Drop frozen pretrained weights: a frozen ViT-L/14 then costs only its trained parts on disk."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        keep_always = ("text.context",)  # the learned prompts are trained in stage 1, frozen in stage 2
+        prefixes = self._reloadable_prefixes()
+        dropped = [
+            key
+            for key in checkpoint["state_dict"]
+            if prefixes and key.startswith(tuple(prefixes)) and key not in trainable and not key.startswith(keep_always)
+        ]
+        for key in dropped:
+            del checkpoint["state_dict"][key]
+        checkpoint["farreid"] = {
+            "dropped_frozen_keys": len(dropped),
+            "pretrained": getattr(self.backbone, "pretrained", None),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        own = self.state_dict()
+        unknown = sorted(set(state) - set(own))
+        mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+        if unknown or mismatched:
+            details = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched]
+            raise ValueError(
+                "checkpoint does not fit this model configuration (was it trained with another config?): "
+                f"{len(unknown)} unknown keys {unknown[:5]}, {len(mismatched)} shape mismatches {details[:5]}"
+            )
+        meta = checkpoint.get("farreid", {})
+        if meta.get("dropped_frozen_keys"):
+            pretrained = getattr(self.backbone, "pretrained", None)
+            if meta.get("pretrained") and pretrained and os.path.abspath(meta["pretrained"]) != os.path.abspath(
+                pretrained
+            ):
+                log.warning("checkpoint was trained on %s, frozen weights now come from %s", meta["pretrained"], pretrained)
+            for key, value in own.items():  # frozen weights: already loaded from the pretrained directory
+                state.setdefault(key, value)
