@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from farreid.data.datamodule import DetReIDXDataModule
 from farreid.evaluation.callback import ReIDEvaluator
@@ -32,6 +32,17 @@ def configure_wandb_mode(environ: os._Environ | dict = os.environ) -> str:
     return mode
 
 
+class LoggedConfigCallback(SaveConfigCallback):
+    """Saves ``config.yaml`` in the run directory and also logs the resolved config to every logger (W&B)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        for logger in trainer.loggers:
+            import yaml
+
+            logger.log_hyperparams({"config": yaml.safe_load(config)})
+
+
 class FarReIDCLI(LightningCLI):
     """LightningCLI with farreid's links: the classifier width comes from the data, the evaluator is always on."""
 
@@ -48,6 +59,7 @@ def main(args: list[str] | None = None, run: bool = True) -> FarReIDCLI:
         DetReIDXDataModule,
         args=args,
         run=run,
+        save_config_callback=LoggedConfigCallback,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"use_distributed_sampler": False},
         parser_kwargs={"description": "farreid: extreme far-distance aerial-ground video person ReID"},

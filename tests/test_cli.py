@@ -53,8 +53,19 @@ def test_print_config(combo, capsys):
 def test_stage1_writes_prompts_and_stage2_reads_them(stage1_prompts, data_root, tmp_path):
     saved = torch.load(stage1_prompts, weights_only=True)
     assert saved["context"].ndim == 3 and torch.isfinite(saved["context"]).all()
-    cli = main(["fit", *TINY, "--data.root", data_root, "--model.text_prompts", stage1_prompts, *FAST,
-                "--trainer.default_root_dir", str(tmp_path)])
+    cli = main(
+        [
+            "fit",
+            *TINY,
+            "--data.root",
+            data_root,
+            "--model.text_prompts",
+            stage1_prompts,
+            *FAST,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     model = cli.model
     assert torch.equal(model.text.context.detach().cpu(), saved["context"])
     assert model.text_bank.shape == (model.hparams.num_classes, model.text.proj_dim)
@@ -69,13 +80,29 @@ def test_stage2_without_stage1_output_says_what_to_run(data_root, tmp_path):
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_fast_dev_run_every_ablation(ablation, data_root, stage1_prompts, tmp_path):
     args = ["fit", *TINY, "--config", str(CONFIGS / "ablations" / ablation), "--data.root", data_root]
-    main(args + ["--model.text_prompts", stage1_prompts, "--trainer.fast_dev_run", "2",
-                 "--trainer.default_root_dir", str(tmp_path)])
+    main(
+        args
+        + [
+            "--model.text_prompts",
+            stage1_prompts,
+            "--trainer.fast_dev_run",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
 
 
 def test_fit_then_test_writes_results(data_root, stage1_prompts, tmp_path):
-    common = [*TINY, "--data.root", data_root, "--model.text_prompts", stage1_prompts,
-              "--trainer.default_root_dir", str(tmp_path)]
+    common = [
+        *TINY,
+        "--data.root",
+        data_root,
+        "--model.text_prompts",
+        stage1_prompts,
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
     fit = main(["fit", *common, *FAST, "--trainer.check_val_every_n_epoch", "1"])
     ckpt = fit.trainer.checkpoint_callback.last_model_path
     assert Path(ckpt).is_file()
@@ -94,8 +121,20 @@ def test_fit_then_test_writes_results(data_root, stage1_prompts, tmp_path):
 
 def test_anonymized_test_set_writes_submission(tmp_path, stage1_prompts):
     root = generate(tmp_path / "anon", num_train_ids=8, num_test_ids=3, seed=2, anonymize=True, max_frames=5)
-    cli = main(["test", *TINY, "--data.root", str(root), "--model.text_prompts", stage1_prompts,
-                "--trainer.default_root_dir", str(tmp_path / "run"), "--evaluator.rerank", "false"])
+    cli = main(
+        [
+            "test",
+            *TINY,
+            "--data.root",
+            str(root),
+            "--model.text_prompts",
+            stage1_prompts,
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--evaluator.rerank",
+            "false",
+        ]
+    )
     out = Path(cli.trainer.log_dir or tmp_path / "run")
     lines = (out / "submission.csv").read_text().splitlines()
     assert lines[0] == "row_id,case,query_tracklet,ranked_gallery_tracklets"
@@ -117,5 +156,14 @@ def test_config_typo_is_reported(capsys):
 def test_unset_root_says_how_to_set_it(monkeypatch):
     monkeypatch.delenv("FARREID_DATA", raising=False)
     with pytest.raises(ValueError, match="FARREID_DATA"):
-        main(["fit", "--config", str(CONFIGS / "vitl14.yaml"), "--config", str(CONFIGS / "tiny.yaml"),
-              "--data.root", "null"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "vitl14.yaml"),
+                "--config",
+                str(CONFIGS / "tiny.yaml"),
+                "--data.root",
+                "null",
+            ]
+        )

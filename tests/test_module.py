@@ -17,10 +17,16 @@ NUM_CLASSES = 4
 def _module(trainable_blocks: int, pretrained=None, **kwargs) -> ReIDModule:
     torch.manual_seed(0)
     source = {"pretrained": str(pretrained)} if pretrained else {"config": TINY_VISION_CONFIG}
-    backbone = CLIPVisionBackbone(**source, trainable_blocks=trainable_blocks, adapter_dim=8, prompt_blocks=1,
-                                  prompt_tokens=2, mid_block=0)
-    return ReIDModule(backbone=backbone, pooling=kwargs.pop("pooling", TemporalAttentionPooling),
-                      num_classes=NUM_CLASSES, warmup_steps=0, **kwargs)
+    backbone = CLIPVisionBackbone(
+        **source, trainable_blocks=trainable_blocks, adapter_dim=8, prompt_blocks=1, prompt_tokens=2, mid_block=0
+    )
+    return ReIDModule(
+        backbone=backbone,
+        pooling=kwargs.pop("pooling", TemporalAttentionPooling),
+        num_classes=NUM_CLASSES,
+        warmup_steps=0,
+        **kwargs,
+    )
 
 
 def _batch(b: int = 8, t: int = 3) -> dict:
@@ -49,7 +55,10 @@ def test_optimizer_step_trains_exactly_the_chosen_weights(trainable_blocks):
         assert (id(param) in in_optimizer) == param.requires_grad, name
     optimizer.step()
     depth = len(module.backbone.blocks)
-    last = {f"backbone.blocks.{i}.layer." for i in range(depth - (depth if trainable_blocks == -1 else trainable_blocks), depth)}
+    last = {
+        f"backbone.blocks.{i}.layer."
+        for i in range(depth - (depth if trainable_blocks == -1 else trainable_blocks), depth)
+    }
     for name, param in module.named_parameters():
         changed = not torch.equal(before[name], param.detach())
         if param.requires_grad:
@@ -59,8 +68,11 @@ def test_optimizer_step_trains_exactly_the_chosen_weights(trainable_blocks):
                 assert changed or param.grad.abs().max() == 0, name
         else:
             assert not changed, f"frozen weight {name} changed"
-    moved_blocks = {n.split(".layer.")[0] for n, p in module.named_parameters() if ".layer." in n
-                    and not torch.equal(before[n], p.detach())}
+    moved_blocks = {
+        n.split(".layer.")[0]
+        for n, p in module.named_parameters()
+        if ".layer." in n and not torch.equal(before[n], p.detach())
+    }
     assert len(moved_blocks) == (depth if trainable_blocks == -1 else trainable_blocks)
 
 
@@ -135,7 +147,11 @@ def test_frozen_backbone_checkpoint_keeps_only_trained_weights(tiny_clip_dir):
 
 def test_checkpoint_from_another_config_is_a_clear_error():
     small = _module(1)
-    other = ReIDModule(backbone=CLIPVisionBackbone(config=TINY_VISION_CONFIG, adapter_dim=4, prompt_blocks=1,
-                                                   prompt_tokens=2, mid_block=0), num_classes=NUM_CLASSES)
+    other = ReIDModule(
+        backbone=CLIPVisionBackbone(
+            config=TINY_VISION_CONFIG, adapter_dim=4, prompt_blocks=1, prompt_tokens=2, mid_block=0
+        ),
+        num_classes=NUM_CLASSES,
+    )
     with pytest.raises(ValueError, match="another config"):
         other.on_load_checkpoint({"state_dict": small.state_dict()})

@@ -10,7 +10,9 @@ from farreid.data.synthetic import generate
 
 def _tracklet(pid: int, camid: int, n: int) -> Tracklet:
     view = "ground" if camid == 0 else "aerial"
-    return Tracklet(pid=pid, camid=camid, view=view, altitude=0.0, distance=0.0, angle=0.0, name=f"{pid}_{n}", frames=("f",))
+    return Tracklet(
+        pid=pid, camid=camid, view=view, altitude=0.0, distance=0.0, angle=0.0, name=f"{pid}_{n}", frames=("f",)
+    )
 
 
 def test_split_identities_disjoint_reproducible_and_sized():

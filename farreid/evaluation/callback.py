@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from farreid.data.protocols import EvalSet
-from farreid.evaluation.metrics import evaluate_challenge, evaluate_rank, pool_results, summarize
+from farreid.evaluation.metrics import case_mean, evaluate_challenge, evaluate_rank, pool_results, summarize
 from farreid.evaluation.reporting import format_table, write_figures
 from farreid.evaluation.reranking import re_ranking
 from farreid.evaluation.search import topk
@@ -137,18 +137,27 @@ class ReIDEvaluator(Callback):
             results["overall"] = pool_results(list(per_case.values()), max_rank=self.max_rank)
         return results
 
-    def _log(self, pl_module: L.LightningModule, prefix: str, results: dict) -> dict:
-        """Log ``<prefix>/<case>/<metric>`` and return the JSON summary."""
-        summary = {case: summarize(r) for case, r in results["cases"].items()}
-        summary["overall"] = summarize(results["overall"])
-        summary["case_mean"] = {m: float(np.mean([summary[c][m] for c in results["cases"]])) for m in METRICS}
+    def _log(self, pl_module: L.LightningModule, prefix: str, results: dict, eval_set: EvalSet) -> dict:
+        """Log ``<prefix>/<case>/<metric>`` (cases, pooled ``overall``, ``case_mean``); return the JSON summary."""
+        summary = {}
+        for case, result in results["cases"].items():
+            summary[case] = {**summarize(result), "num_gallery": len(eval_set.cases[case][1])}
+        num_gallery = sum(s["num_gallery"] for s in summary.values())
+        summary["overall"] = {**summarize(results["overall"]), "num_gallery": num_gallery}
+        summary["case_mean"] = summarize(case_mean(results["cases"]))
         for group, values in summary.items():
             for metric in METRICS:
                 pl_module.log(f"{prefix}/{group}/{metric}", float(values[metric]), sync_dist=False)
         return summary
 
+    @staticmethod
+    def _out_dir(trainer: L.Trainer) -> Path:
+        """The run directory; call on every rank (``trainer.log_dir`` is a collective under DDP)."""
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         eval_set: EvalSet = trainer.datamodule.eval_set(stage)
+        out_dir = self._out_dir(trainer) if stage == "test" or eval_set.anonymized else None
         feats, weights = self._gathered(pl_module, len(eval_set))
         prefix = "val" if stage == "validate" else "test"
         report: dict = {}
@@ -158,10 +167,10 @@ class ReIDEvaluator(Callback):
         for name, use_rr in runs:
             results = self.score(eval_set, feats, rerank=use_rr)
             if eval_set.anonymized:
-                self._write_submission(trainer, eval_set, results["rankings"], suffix="" if not use_rr else "_rerank")
+                self._write_submission(trainer, out_dir, eval_set, results["rankings"], "_rerank" if use_rr else "")
                 continue
             key = prefix if name == "plain" else f"{prefix}/rerank"
-            report[name] = (self._log(pl_module, key, results), results)
+            report[name] = (self._log(pl_module, key, results, eval_set), results)
         if not report:
             return
         summary = report["plain"][0]
@@ -169,12 +178,11 @@ class ReIDEvaluator(Callback):
             summary["rerank"] = report["rerank"][0]
         self.last_results = summary
         if stage == "test" and trainer.is_global_zero:
-            self._report_test(trainer, eval_set, feats, weights, report)
+            self._report_test(trainer, out_dir, eval_set, weights, report)
         elif trainer.is_global_zero and not trainer.sanity_checking:
             rank_zero_info(format_table({k: v[0] for k, v in report.items()}, title=f"{prefix} (epoch {trainer.current_epoch})"))
 
-    def _report_test(self, trainer, eval_set, feats, weights, report) -> None:
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    def _report_test(self, trainer, out_dir: Path, eval_set: EvalSet, weights: torch.Tensor, report: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "results.json"
         path.write_text(json.dumps(self.last_results, indent=2))
@@ -188,7 +196,7 @@ class ReIDEvaluator(Callback):
                     for p in paths:
                         logger.log_image(key=f"figures/{p.stem}", images=[str(p)])
 
-    def _write_submission(self, trainer, eval_set: EvalSet, rankings: dict, suffix: str = "") -> None:
+    def _write_submission(self, trainer, out_dir: Path, eval_set: EvalSet, rankings: dict, suffix: str = "") -> None:
         if not trainer.is_global_zero:
             return
         tr = eval_set.tracklets
@@ -196,7 +204,6 @@ class ReIDEvaluator(Callback):
         for case, (q, g) in eval_set.cases.items():
             names_g = np.array([tr[i].name for i in g])
             rows[case] = ([tr[i].name for i in q], [list(names_g[r]) for r in rankings[case]])
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"submission{suffix}.csv"
         write_submission(path, rows)
@@ -215,5 +222,6 @@ class ReIDEvaluator(Callback):
             return
         eval_set: EvalSet = trainer.datamodule.eval_set("predict")
         feats, _ = self._gathered(pl_module, len(eval_set))
+        out_dir = self._out_dir(trainer)
         results = self.score(eval_set, feats, rerank=self.rerank)
-        self._write_submission(trainer, eval_set, results["rankings"], suffix="_rerank" if self.rerank else "")
+        self._write_submission(trainer, out_dir, eval_set, results["rankings"], "_rerank" if self.rerank else "")

@@ -1,0 +1,72 @@
+"""Temporal pooling of per-frame features into one clip feature, ignoring padded frames.
+
+Both poolers take the per-frame features (B, T, D) and a padding mask (B, T) (True = real frame, False = a
+repeated copy added to reach T frames) and return the pooled feature (B, D) with the frame weights (B, T).
+"""
+
+import torch
+from torch import nn
+
+
+def _check_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Validate the inputs and return a (B, T) bool mask (all True when `mask` is None)."""
+    if x.dim() != 3:
+        raise ValueError(f"pooling expects features of shape (B, T, D), got {tuple(x.shape)}")
+    if mask is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"pooling mask must have shape {tuple(x.shape[:2])} (B, T), got {tuple(mask.shape)}")
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("pooling mask has a clip with no real frame (a row of the (B, T) mask is all False)")
+    return mask.bool()
+
+
+def _weighted_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sum features (B, T, D) with weights (B, T) over T -> (B, D)."""
+    return torch.einsum("bt,btd->bd", weights.to(x.dtype), x)
+
+
+class MeanPooling(nn.Module):
+    """Mean of the real frames.
+
+    Args:
+        dim: feature width D (unused; kept so both poolers are built alike from a config).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool (B, T, D) features with a (B, T) bool mask | None -> ((B, D) mean, (B, T) weights)."""
+        mask = _check_mask(x, mask)
+        weights = mask.float() / mask.sum(dim=1, keepdim=True)  # (B, T), each row sums to 1
+        return _weighted_sum(x, weights), weights
+
+
+class TemporalAttentionPooling(nn.Module):
+    """Softmax over T of a learned per-frame score, then the weighted sum of the frames.
+
+    The score is a linear map of each frame feature, or a small MLP (D -> hidden -> 1) when `hidden` is given.
+    Its last layer starts at zero, so at init every real frame scores the same and the pooling equals the
+    masked mean. Padded frames get weight exactly 0.
+
+    Args:
+        dim: feature width D.
+        hidden: hidden width of the scoring MLP; None for a linear score.
+    """
+
+    def __init__(self, dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        last = nn.Linear(hidden if hidden else dim, 1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.score = last if not hidden else nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), last)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool (B, T, D) features with a (B, T) bool mask | None -> ((B, D) pooled, (B, T) weights)."""
+        mask = _check_mask(x, mask)
+        scores = self.score(x).squeeze(-1).float()  # (B, T, 1) -> (B, T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(dim=1)  # (B, T); padded frames get exactly 0
+        return _weighted_sum(x, weights), weights

@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny random CLIP model saved locally, so no test ever touches a hub."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# CLIPVisionConfig kwargs of a tiny ViT: width 32, 2 blocks, 4 heads, patch 8 on 32x32 images (a 4x4 grid).
+TINY_VISION_CONFIG: dict = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "patch_size": 8,
+    "image_size": 32,
+    "intermediate_size": 64,
+    "projection_dim": 16,
+}
+
+# CLIPTextConfig kwargs of a tiny text tower; the end-of-text id is the largest id, as in CLIP's real vocabulary.
+TINY_TEXT_CONFIG: dict = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "vocab_size": 1000,
+    "max_position_embeddings": 77,
+    "projection_dim": 16,
+    "bos_token_id": 998,
+    "eos_token_id": 999,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding a tiny random `CLIPModel` written with `save_pretrained` (seeded, so reproducible)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=TINY_TEXT_CONFIG, vision_config=TINY_VISION_CONFIG, projection_dim=16)
+    path = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(config).save_pretrained(path)
+    return path

@@ -1,0 +1,218 @@
+"""Running for real: DDP on CPU, kill-and-resume, offline W&B, determinism (issue: scale out)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from farreid.cli import configure_wandb_mode, main
+from farreid.data.synthetic import generate
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+BASE = [
+    "--config",
+    str(CONFIGS / "vitl14.yaml"),
+    "--config",
+    str(CONFIGS / "tiny.yaml"),
+    "--model.text",
+    "null",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--evaluator.rerank",
+    "false",
+    "--trainer.check_val_every_n_epoch",
+    "1",
+]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    return str(generate(tmp_path_factory.mktemp("ops"), num_train_ids=12, num_test_ids=4, seed=3, max_frames=6))
+
+
+def _farreid(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "farreid.cli", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_process_ddp_fit_and_evaluation_match_one_process(data_root, tmp_path):
+    """A 2-rank gloo run trains, and its gathered evaluation equals the 1-process one on the same checkpoint."""
+    common = [*BASE, "--data.root", data_root, "--data.test_split", "val", "--trainer.logger", "false"]
+    _farreid(
+        "fit",
+        *common,
+        "--trainer.max_steps",
+        "3",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.default_root_dir",
+        str(tmp_path / "fit"),
+        cwd=tmp_path,
+    )
+    ckpts = sorted((tmp_path / "fit").rglob("last.ckpt"))
+    assert ckpts, "the DDP fit wrote no checkpoint"
+    results = {}
+    for devices in ("1", "2"):
+        out = tmp_path / f"test{devices}"
+        _farreid(
+            "test",
+            *common,
+            "--ckpt_path",
+            str(ckpts[0]),
+            "--trainer.devices",
+            devices,
+            "--trainer.strategy",
+            "ddp" if devices == "2" else "auto",
+            "--trainer.default_root_dir",
+            str(out),
+            "--evaluator.figures",
+            "false",
+            cwd=tmp_path,
+        )
+        results[devices] = json.loads((out / "results.json").read_text())
+    for case in ("A2G", "G2A", "A2A", "overall"):
+        assert results["1"][case]["num_query"] == results["2"][case]["num_query"]
+        for metric in ("mAP", "rank1", "mINP"):
+            assert results["1"][case][metric] == pytest.approx(results["2"][case][metric], abs=1e-6), (case, metric)
+
+
+class _Crash(Callback):
+    """Dies like a pre-empted job: an exception at a given step, after the periodic checkpoint was written."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated node failure")
+
+
+def test_kill_and_resume_reaches_the_same_step_count(data_root, tmp_path):
+    common = [
+        *BASE,
+        "--data.root",
+        data_root,
+        "--trainer.logger",
+        "false",
+        "--trainer.max_epochs",
+        "3",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.check_val_every_n_epoch",
+        "3",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+
+    def ckpt_cb(folder: str) -> list[str]:
+        return [
+            "--trainer.callbacks+=ModelCheckpoint",
+            "--trainer.callbacks.every_n_train_steps=3",
+            "--trainer.callbacks.save_last=true",
+            f"--trainer.callbacks.dirpath={tmp_path / folder}",
+        ]
+
+    full = main(["fit", *common, *ckpt_cb("uninterrupted")])
+    planned = full.trainer.global_step
+    batches = full.trainer.num_training_batches
+    assert planned == 3 * batches and batches == 2  # so step 3 (the checkpoint) lies inside the second epoch
+
+    cli = main([*common, *ckpt_cb("ckpt")], run=False)
+    cli.trainer.callbacks.append(_Crash(at_step=4))
+    with pytest.raises(RuntimeError, match="simulated node failure"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 3
+
+    resumed = main(["fit", *common, *ckpt_cb("ckpt"), "--ckpt_path", str(last)])
+    assert resumed.trainer.global_step == planned
+    final = torch.load(last, weights_only=True, map_location="cpu")
+    assert final["global_step"] == planned
+    assert "optimizer_states" in final and final["lr_schedulers"]
+    main(["test", *common, "--ckpt_path", str(last), "--data.test_split", "val", "--evaluator.figures", "false"])
+
+
+def test_offline_wandb_run_records_per_case_metrics(data_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    assert configure_wandb_mode() == "offline"
+    logger = [
+        "--trainer.logger=WandbLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.logger.project=farreid-test",
+        "--trainer.logger.offline=true",
+        "--trainer.callbacks+=LearningRateMonitor",
+    ]
+    cli = main(
+        [
+            "fit",
+            *BASE,
+            "--data.root",
+            data_root,
+            *logger,
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.check_val_every_n_epoch",
+            "1",
+            "--trainer.limit_train_batches",
+            "2",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
+    cli.trainer.logger.experiment.finish()  # flush the offline run as the end of a job does
+    runs = list(tmp_path.rglob("offline-run-*/run-*.wandb"))
+    assert runs, f"no offline W&B run under {tmp_path}"
+    record = runs[0].read_bytes()  # the run's protobuf log: metric keys and the config are stored as strings
+    for case in ("A2G", "G2A", "A2A", "overall"):
+        assert f"val/{case}/mAP".encode() in record, case
+    assert b"trainable_blocks" in record  # the resolved config was logged
+    assert b"lr-AdamW" in record and b"train/loss" in record  # learning rates of the groups, the loss
+
+
+def test_wandb_mode_respects_credentials(tmp_path):
+    env = {"WANDB_API_KEY": "x" * 40, "NETRC": str(tmp_path / "none")}
+    assert configure_wandb_mode(env) == "online"
+    env = {"NETRC": str(tmp_path / "none")}
+    assert configure_wandb_mode(env) == "offline" and env["WANDB_MODE"] == "offline"
+    assert configure_wandb_mode({"WANDB_MODE": "disabled"}) == "disabled"
+
+
+def test_same_seed_gives_the_same_metrics_twice(data_root, tmp_path):
+    runs = []
+    for i in range(2):
+        cli = main(
+            [
+                "fit",
+                *BASE,
+                "--data.root",
+                data_root,
+                "--trainer.logger",
+                "false",
+                "--trainer.max_epochs",
+                "1",
+                "--trainer.limit_train_batches",
+                "3",
+                "--trainer.default_root_dir",
+                str(tmp_path / str(i)),
+            ]
+        )
+        runs.append({k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")})
+    assert runs[0] and runs[0] == runs[1]

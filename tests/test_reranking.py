@@ -1,0 +1,76 @@
+"""k-reciprocal re-ranking against the plain NumPy transcription of the published function."""
+
+import numpy as np
+import pytest
+import torch
+
+from farreid.evaluation.reranking import re_ranking
+from tests.reference_reranking import re_ranking_reference
+
+
+def clustered_features(num: int, dim: int = 32, seed: int = 0) -> np.ndarray:
+    """L2-normalised points around num / 6 random centres, so neighbourhoods overlap like identities do."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(2, num // 6), dim))
+    points = centres[rng.integers(0, len(centres), num)] + 0.6 * rng.standard_normal((num, dim))
+    return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+
+
+def run(features: np.ndarray, num_query: int, *args, **kwargs) -> np.ndarray:
+    query, gallery = torch.from_numpy(features[:num_query]), torch.from_numpy(features[num_query:])
+    return re_ranking(query, gallery, *args, **kwargs).numpy()
+
+
+@pytest.mark.parametrize(
+    ("num", "num_query", "k1", "k2", "lambda_value"),
+    [
+        (120, 30, 20, 6, 0.3),  # the defaults
+        (120, 30, 20, 1, 0.3),  # no query expansion
+        (90, 20, 7, 3, 0.0),  # Jaccard only; odd k1 (round(3.5) = 4)
+        (90, 20, 5, 2, 1.0),  # original distance only; round(2.5) = 2 (half to even)
+        (9, 3, 20, 6, 0.3),  # k1 + 1 > N: neighbour lists hold every item
+    ],
+)
+def test_matches_reference(num, num_query, k1, k2, lambda_value):
+    features = clustered_features(num, seed=num + k1)
+    expected = re_ranking_reference(features[:num_query], features[num_query:], k1, k2, lambda_value)
+    result = run(features, num_query, k1, k2, lambda_value)
+    assert result.shape == (num_query, num - num_query) and result.dtype == np.float32
+    np.testing.assert_allclose(result, expected, atol=1e-4, rtol=0)
+
+
+def test_chunk_size_invariance():
+    features = clustered_features(150, seed=3)
+    reference = run(features, 40, chunk_size=1024)
+    for chunk_size in (1, 7, 64):
+        np.testing.assert_allclose(run(features, 40, chunk_size=chunk_size), reference, atol=1e-6, rtol=0)
+
+
+def test_approx_with_all_candidates_equals_exact():
+    features = clustered_features(130, seed=4)
+    exact = run(features, 30)
+    np.testing.assert_allclose(run(features, 30, approx_candidates=130), exact, atol=1e-5, rtol=0)
+    # k1 + 1 candidates suffice: members of the expanded sets outside them get their exact distance.
+    np.testing.assert_allclose(run(features, 30, approx_candidates=21), exact, atol=1e-5, rtol=0)
+
+
+def test_approx_with_few_candidates_equals_smaller_k1():
+    # C = 8 caps k1 + 1 at 8 (k1 = 7) and round(k1 / 2) + 1 = 11 at 8 as well: a documented deviation.
+    features = clustered_features(100, seed=5)
+    result = run(features, 25, 20, 6, 0.3, approx_candidates=8)
+    assert np.isfinite(result).all()
+    assert np.abs(result - run(features, 25, 20, 6, 0.3)).max() > 1e-3  # it does differ from the exact result
+
+
+def test_query_equals_gallery_item_ranks_it_first():
+    features = clustered_features(60, seed=6)
+    query = np.concatenate([features[10:13], features[3:]])  # queries 0..2 duplicate gallery items 7..9
+    result = run(query, 3)
+    assert result.argmin(axis=1).tolist() == [7, 8, 9]
+
+
+def test_rejects_bad_input():
+    with pytest.raises(ValueError, match="features"):
+        re_ranking(torch.zeros(3, 4), torch.zeros(5, 6))
+    with pytest.raises(ValueError, match="k1"):
+        re_ranking(torch.zeros(3, 4), torch.zeros(5, 4), k1=0)
