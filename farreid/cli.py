@@ -1,7 +1,7 @@
 """The ``farreid`` command: a LightningCLI with the ReID module, the DetReIDX datamodule and the evaluator.
 
-    farreid fit --config configs/vitl14.yaml --model.backbone.init_args.pretrained /path/to/clip-vit-large-patch14
-    farreid test --config configs/vitl14.yaml --ckpt_path runs/vitl14/.../best.ckpt
+farreid fit --config configs/vitl14.yaml --model.backbone.init_args.pretrained /path/to/clip-vit-large-patch14
+farreid test --config configs/vitl14.yaml --ckpt_path runs/vitl14/.../best.ckpt
 """
 
 from __future__ import annotations

@@ -246,7 +246,9 @@ class ReIDModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.build_optimizer()
-        factor = warmup_cosine(self.hparams.warmup_steps, self.trainer.estimated_stepping_batches, self.hparams.min_lr_ratio)
+        factor = warmup_cosine(
+            self.hparams.warmup_steps, self.trainer.estimated_stepping_batches, self.hparams.min_lr_ratio
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -291,9 +293,13 @@ class ReIDModule(L.LightningModule):
         meta = checkpoint.get("farreid", {})
         if meta.get("dropped_frozen_keys"):
             pretrained = getattr(self.backbone, "pretrained", None)
-            if meta.get("pretrained") and pretrained and os.path.abspath(meta["pretrained"]) != os.path.abspath(
-                pretrained
+            if (
+                meta.get("pretrained")
+                and pretrained
+                and os.path.abspath(meta["pretrained"]) != os.path.abspath(pretrained)
             ):
-                log.warning("checkpoint was trained on %s, frozen weights now come from %s", meta["pretrained"], pretrained)
+                log.warning(
+                    "checkpoint was trained on %s, frozen weights now come from %s", meta["pretrained"], pretrained
+                )
             for key, value in own.items():  # frozen weights: already loaded from the pretrained directory
                 state.setdefault(key, value)

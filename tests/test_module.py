@@ -133,7 +133,7 @@ def test_frozen_backbone_checkpoint_keeps_only_trained_weights(tiny_clip_dir):
     assert any("adapter" in k for k in slim["state_dict"])
     # Train-side weights change, then the slim checkpoint restores them into a fresh model.
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             if p.requires_grad:
                 p.add_(1.0)
     slim = {"state_dict": copy.deepcopy(module.state_dict())}
@@ -155,3 +155,15 @@ def test_checkpoint_from_another_config_is_a_clear_error():
     )
     with pytest.raises(ValueError, match="another config"):
         other.on_load_checkpoint({"state_dict": small.state_dict()})
+
+
+def test_clip_directory_comes_from_the_environment(tiny_clip_dir, monkeypatch):
+    from farreid.models.text import TextPromptLearner
+
+    monkeypatch.setenv("FARREID_CLIP", str(tiny_clip_dir))
+    backbone = CLIPVisionBackbone(trainable_blocks=0, adapter_dim=0, prompt_blocks=0, mid_block=None)
+    assert backbone.pretrained == str(tiny_clip_dir)
+    assert TextPromptLearner(3).proj_dim == backbone.proj_dim
+    monkeypatch.delenv("FARREID_CLIP")
+    with pytest.raises(ValueError, match="FARREID_CLIP"):
+        CLIPVisionBackbone()

@@ -32,6 +32,8 @@ class DetReIDXDataModule(L.LightningDataModule):
         num_frames: frames per training clip (T).
         num_frames_test: frames per evaluation clip; defaults to ``num_frames``.
         p: identities per batch. k: tracklets per identity.
+        passes_per_epoch: how many times an epoch visits every training identity (P×K batches per epoch =
+            passes × identities / P); raise it for small datasets so that epochs are not a handful of steps.
         val_share: share of training identities held out to re-create A2G/G2A/A2A for model selection.
         split_seed: seed of that split (independent of the training seed, so runs share one split).
         batch_size_test: clips per evaluation batch.
@@ -48,6 +50,7 @@ class DetReIDXDataModule(L.LightningDataModule):
         num_frames_test: int | None = None,
         p: int = 8,
         k: int = 4,
+        passes_per_epoch: int = 1,
         val_share: float = 0.2,
         split_seed: int = 0,
         batch_size_test: int = 16,
@@ -132,6 +135,7 @@ class DetReIDXDataModule(L.LightningDataModule):
             self.train_set.labels,
             p=h.p,
             k=h.k,
+            passes_per_epoch=h.passes_per_epoch,
             seed=h.split_seed if trainer is None else int(os.environ.get("PL_GLOBAL_SEED", h.split_seed)),
             num_replicas=1 if trainer is None else trainer.world_size,
             rank=0 if trainer is None else trainer.global_rank,

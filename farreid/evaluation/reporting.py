@@ -91,7 +91,10 @@ def write_figures(
     w = weights.numpy()
     spread = w.max(1) - w.min(1)
     pick = np.argsort(-spread)[:4]
-    sampled = [[tr[i].frames[j] for j in frame_indices(len(tr[i].frames), w.shape[1], False, random.Random(0))[0]] for i in pick]
+    sampled = [
+        [tr[i].frames[j] for j in frame_indices(len(tr[i].frames), w.shape[1], False, random.Random(0))[0]]
+        for i in pick
+    ]
     paths.append(plots.plot_attention(sampled, [w[i] for i in pick], out_dir / "attention.png"))
     breakdowns = _metadata_breakdowns(eval_set, results["cases"])
     if breakdowns:

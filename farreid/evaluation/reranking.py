@@ -256,13 +256,11 @@ def re_ranking(
         lambda_value: weight of the original (row-normalised squared Euclidean) distance.
         chunk_size: rows processed at once; memory is about chunk_size * N floats for the distance pass.
         progress: show a progress bar; None shows it when Q + G >= 20,000.
-        approx_candidates: C, or None for exact. With C, each item's neighbours come from `search.topk`
-            (FAISS when installed, GPU when it sees one) and only its C nearest are ever read, so k1 + 1,
-            round(k1 / 2) + 1 and k2 are each capped at C (a smaller C means smaller neighbourhoods than
-            asked for); the row maxima come from an exact farthest-neighbour search, and members of the
-            expanded sets outside the C nearest get their exact distance. With search.py's exact flat index
-            and C >= max(k1 + 1, k2) the result equals the exact mode up to float rounding and ties.
-            Memory is N * C for the neighbour lists.
+        approx_candidates: C, or None for exact. With C, neighbours come from `search.topk` (FAISS when
+            installed, on a GPU when it sees one) and only each item's C nearest are read: k1 + 1,
+            round(k1 / 2) + 1 and k2 are each capped at C, so a small C shrinks the neighbourhoods. Row maxima
+            come from an exact farthest-neighbour search; expanded-set members outside the C nearest get their
+            exact distance. With C >= max(k1 + 1, k2) it equals the exact mode up to rounding and ties.
 
     Returns:
         (Q, G) float32 tensor: (1 - lambda) * Jaccard + lambda * normalised squared Euclidean distance.

@@ -12,6 +12,7 @@ Gates and adapter up projections start at zero, so a fresh model reproduces CLIP
 reads LN1(x) rather than the raw residual stream, whose scale grows with depth, like the attention it parallels.
 """
 
+import os
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from farreid.models import CLIP_ENV
 from farreid.models.adapters import CrossFrameAdapter, IntraFrameAdapter
 from farreid.models.prompts import CameraPrompts, ZeroGatedPromptAttention
 
@@ -47,7 +49,10 @@ def load_clip_vision(pretrained: str | None, config: dict | None) -> tuple[CLIPV
         The tower and whether its visual projection was created randomly (absent from the directory).
     """
     if (pretrained is None) == (config is None):
-        raise ValueError(f"CLIPVisionBackbone needs exactly one of pretrained=, config=; got {pretrained=}, {config=}")
+        raise ValueError(
+            f"CLIPVisionBackbone needs exactly one of pretrained=, config=; got {pretrained=}, {config=} "
+            f"(pass --model.backbone.init_args.pretrained PATH or set {CLIP_ENV}=PATH)"
+        )
     if config is not None:
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**config)), False
     path = Path(pretrained).expanduser()
@@ -178,6 +183,8 @@ class CLIPVisionBackbone(nn.Module):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        if pretrained is None and config is None:  # machine paths come from the environment, not the YAML
+            pretrained = os.environ.get(CLIP_ENV)
         tower, projection_is_new = load_clip_vision(pretrained, config)
         vision = tower.vision_model
         layers = vision.encoder.layers
