@@ -115,8 +115,11 @@ def test_fit_then_test_writes_results(data_root, stage1_prompts, tmp_path):
         assert 0.0 <= results[case]["mAP"] <= 1.0
     assert results["overall"]["num_query"] == sum(results[c]["num_query"] for c in ("A2G", "G2A", "A2A"))
     assert "rerank" in results  # vitl14 re-ranks at test
+    assert set(results["breakdown"]) == {"altitude (m)", "distance (m)", "pitch (deg)"}
+    aerial_queries = results["A2G"]["num_valid_query"] + results["A2A"]["num_valid_query"]
+    assert sum(b["count"] for b in results["breakdown"]["pitch (deg)"]) == aerial_queries
     figures = list((Path(tested.trainer.log_dir or tmp_path) / "figures").glob("*.png"))
-    assert {p.stem for p in figures} >= {"cmc_plain", "ranked_A2G", "attention"}
+    assert {p.stem for p in figures} >= {"cmc_plain", "cmc_rerank", "ranked_A2G", "attention", "breakdown"}
 
 
 def test_anonymized_test_set_writes_submission(tmp_path, stage1_prompts):

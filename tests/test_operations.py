@@ -216,3 +216,34 @@ def test_same_seed_gives_the_same_metrics_twice(data_root, tmp_path):
         )
         runs.append({k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")})
     assert runs[0] and runs[0] == runs[1]
+
+
+def test_frozen_backbone_checkpoint_is_small_and_tests(data_root, tiny_clip_dir, tmp_path):
+    """With a frozen pretrained backbone the checkpoint keeps only what trains; `test` restores the rest."""
+    frozen = [
+        *BASE,
+        "--data.root",
+        data_root,
+        "--model.backbone.init_args.config",
+        "null",
+        "--model.backbone.init_args.pretrained",
+        str(tiny_clip_dir),
+        "--model.backbone.init_args.trainable_blocks",
+        "0",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    fit = main(["fit", *frozen, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
+    ckpt = Path(fit.trainer.checkpoint_callback.last_model_path)
+    saved = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert saved["farreid"]["pretrained"] == str(tiny_clip_dir)
+    assert not any(k.startswith("backbone.blocks.0.layer.") for k in saved["state_dict"])
+    full_bytes = sum(v.numel() * v.element_size() for v in fit.model.state_dict().values())
+    kept_bytes = sum(v.numel() * v.element_size() for v in saved["state_dict"].values())
+    assert kept_bytes < full_bytes
+    trained = {k: v.clone() for k, v in fit.model.state_dict().items()}
+    tested = main(["test", *frozen, "--ckpt_path", str(ckpt), "--data.test_split", "val", "--evaluator.figures", "false"])
+    for key, value in tested.model.state_dict().items():
+        assert torch.equal(value, trained[key]), key

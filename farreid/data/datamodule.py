@@ -6,6 +6,7 @@ import os
 from functools import cached_property
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -144,7 +145,7 @@ class DetReIDXDataModule(L.LightningDataModule):
             self.train_set,
             batch_sampler=sampler,
             num_workers=h.num_workers,
-            pin_memory=True,
+            pin_memory=torch.cuda.is_available(),
             persistent_workers=h.num_workers > 0,
         )
 

@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--anonymize", action="store_true", help="meaningless PIDs in the case folders")
     parser.add_argument("--num-train-ids", type=int, default=80)
     parser.add_argument("--num-test-ids", type=int, default=30)
-    parser.add_argument("--difficulty", type=float, default=1.0)
+    parser.add_argument("--difficulty", type=float, default=1.0, help="aerial blur/haze/noise scale (0 = clean)")
+    parser.add_argument("--session-change-p", type=float, default=0.5, help="appearance change between UAV sessions")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         anonymize=args.anonymize,
         difficulty=args.difficulty,
+        session_change_p=args.session_change_p,
         workers=args.workers,
         overwrite=args.overwrite,
     )

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from farreid.data.protocols import EvalSet
 from farreid.evaluation.metrics import case_mean, evaluate_challenge, evaluate_rank, pool_results, summarize
-from farreid.evaluation.reporting import format_table, write_figures
+from farreid.evaluation.reporting import format_table, metadata_breakdowns, write_figures
 from farreid.evaluation.reranking import re_ranking
 from farreid.evaluation.search import topk
 from farreid.evaluation.submission import write_submission
@@ -59,6 +59,8 @@ class ReIDEvaluator(Callback):
         rerank: also score with k-reciprocal re-ranking (logged under ``<stage>/rerank/...``); the submission
             uses the re-ranked lists when set.
         k1, k2, lambda_value: re-ranking parameters (Zhong et al., CVPR 2017).
+        rerank_candidates: None = exact re-ranking; C = restrict every neighbourhood to each item's top-C
+            FAISS candidates (for galleries too large for the exact N×N distance pass).
         rerank_on_validation: re-rank during validation too (slower; off by default).
         figures: write CMC curves, ranked lists, attention weights and the altitude/distance breakdown at test.
         figure_queries: queries per case shown in the ranked-list figure.
@@ -72,6 +74,7 @@ class ReIDEvaluator(Callback):
         k1: int = 20,
         k2: int = 6,
         lambda_value: float = 0.3,
+        rerank_candidates: int | None = None,
         rerank_on_validation: bool = False,
         figures: bool = True,
         figure_queries: int = 4,
@@ -81,7 +84,7 @@ class ReIDEvaluator(Callback):
         self.scorer = scorer
         self.max_rank = max_rank
         self.rerank = rerank
-        self.rerank_params = {"k1": k1, "k2": k2, "lambda_value": lambda_value}
+        self.rerank_params = {"k1": k1, "k2": k2, "lambda_value": lambda_value, "approx_candidates": rerank_candidates}
         self.rerank_on_validation = rerank_on_validation
         self.figures = figures
         self.figure_queries = figure_queries
@@ -186,6 +189,9 @@ class ReIDEvaluator(Callback):
 
     def _report_test(self, trainer, out_dir: Path, eval_set: EvalSet, weights: torch.Tensor, report: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        breakdown = metadata_breakdowns(eval_set, report["plain"][1]["cases"])
+        if breakdown:
+            self.last_results["breakdown"] = breakdown
         path = out_dir / "results.json"
         path.write_text(json.dumps(self.last_results, indent=2))
         print(format_table({k: v[0] for k, v in report.items()}, title="test"))

@@ -16,6 +16,7 @@ from farreid.evaluation.metrics import breakdown_by_bins
 CASE_ORDER = ("A2G", "G2A", "A2A", "overall", "case_mean")
 ALTITUDE_BINS = (0.0, 20.0, 40.0, 60.0, 80.0, 200.0)
 DISTANCE_BINS = (0.0, 30.0, 60.0, 90.0, 200.0)
+PITCH_BINS = (0.0, 45.0, 75.0, 91.0)  # DetReIDX flies at 30°, 60° and 90°
 
 
 def format_table(summaries: dict[str, dict], title: str = "") -> str:
@@ -40,9 +41,9 @@ def format_table(summaries: dict[str, dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def _metadata_breakdowns(eval_set: EvalSet, per_case: dict) -> dict[str, list[dict]]:
-    """mAP of aerial queries by altitude and by horizontal distance, pooled over the cases they query."""
-    aps, altitudes, distances = [], [], []
+def metadata_breakdowns(eval_set: EvalSet, per_case: dict) -> dict[str, list[dict]]:
+    """mAP of aerial queries by altitude, horizontal distance and pitch, pooled over the cases they query."""
+    aps, altitudes, distances, pitches = [], [], [], []
     for case, result in per_case.items():
         q = eval_set.cases[case][0]
         ap = np.asarray(result["AP"], dtype=float)
@@ -52,12 +53,14 @@ def _metadata_breakdowns(eval_set: EvalSet, per_case: dict) -> dict[str, list[di
                 aps.append(ap[j])
                 altitudes.append(t.altitude)
                 distances.append(t.distance)
+                pitches.append(t.angle)
     if not aps:
         return {}
     aps_arr = np.array(aps)
     return {
         "altitude (m)": breakdown_by_bins(aps_arr, np.array(altitudes), ALTITUDE_BINS),
         "distance (m)": breakdown_by_bins(aps_arr, np.array(distances), DISTANCE_BINS),
+        "pitch (deg)": breakdown_by_bins(aps_arr, np.array(pitches), PITCH_BINS),
     }
 
 
@@ -96,7 +99,7 @@ def write_figures(
         for i in pick
     ]
     paths.append(plots.plot_attention(sampled, [w[i] for i in pick], out_dir / "attention.png"))
-    breakdowns = _metadata_breakdowns(eval_set, results["cases"])
+    breakdowns = metadata_breakdowns(eval_set, results["cases"])
     if breakdowns:
         paths.append(plots.plot_breakdown(breakdowns, out_dir / "breakdown.png"))
     return [Path(p) for p in paths]
