@@ -135,7 +135,7 @@ def _render_identity(job: tuple) -> list[list[bytes]]:
 
 def generate(
     root: str | Path,
-    num_train_ids: int = 80,
+    num_train_ids: int = 200,
     num_test_ids: int = 30,
     seed: int = 0,
     anonymize: bool = False,
@@ -145,11 +145,11 @@ def generate(
     max_frames: int = 20,
     ground_size: tuple[int, int] = (128, 64),
     aerial_height: tuple[int, int] = (16, 48),
-    difficulty: float = 1.0,
+    difficulty: float = 0.8,
     degraded_p: float = 0.12,
-    session_change_p: float = 0.6,
-    upper_colours: int = 5,
-    lower_colours: int = 4,
+    session_change_p: float = 0.5,
+    upper_colours: int = 7,
+    lower_colours: int = 6,
     illumination: float = 0.15,
     jpeg_quality: int = 90,
     workers: int = 1,
@@ -237,9 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--anonymize", action="store_true", help="meaningless PIDs in the case folders")
-    parser.add_argument("--num-train-ids", type=int, default=80)
+    parser.add_argument("--num-train-ids", type=int, default=200)
     parser.add_argument("--num-test-ids", type=int, default=30)
-    parser.add_argument("--difficulty", type=float, default=1.0, help="aerial blur/haze/noise scale (0 = clean)")
+    parser.add_argument("--difficulty", type=float, default=0.8, help="aerial blur/haze/noise scale (0 = clean)")
     parser.add_argument("--session-change-p", type=float, default=0.5, help="appearance change between UAV sessions")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true")
