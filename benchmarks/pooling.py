@@ -28,9 +28,25 @@ CASES = ("A2G", "G2A", "A2A", "overall")
 def run(config: str, pooling: str, seed: int, extra: list[str]) -> dict:
     """Fit and test one variant; returns the plain (not re-ranked) test summary."""
     with tempfile.TemporaryDirectory() as out:
-        common = ["--config", config, "--model.pooling", POOLINGS[pooling], "--seed_everything", str(seed),
-                  "--trainer.default_root_dir", out, "--trainer.logger", "false", "--evaluator.figures", "false",
-                  "--evaluator.rerank", "false", "--trainer.enable_progress_bar", "false", *extra]
+        common = [
+            "--config",
+            config,
+            "--model.pooling",
+            POOLINGS[pooling],
+            "--seed_everything",
+            str(seed),
+            "--trainer.default_root_dir",
+            out,
+            "--trainer.logger",
+            "false",
+            "--evaluator.figures",
+            "false",
+            "--evaluator.rerank",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            *extra,
+        ]
         fit = main(["fit", *common, "--trainer.callbacks", "null", "--trainer.enable_checkpointing", "false"])
         fit.trainer.test(fit.model, datamodule=fit.datamodule)  # the weights at the end of training
         evaluator = next(cb for cb in fit.trainer.callbacks if isinstance(cb, ReIDEvaluator))

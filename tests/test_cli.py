@@ -122,25 +122,24 @@ def test_fit_then_test_writes_results(data_root, stage1_prompts, tmp_path):
     assert {p.stem for p in figures} >= {"cmc_plain", "cmc_rerank", "ranked_A2G", "attention", "breakdown"}
 
 
-def test_anonymized_test_set_writes_submission(tmp_path, stage1_prompts):
+@pytest.mark.parametrize(("subcommand", "rerank"), [("test", "false"), ("predict", "true")])
+def test_anonymized_release_writes_the_challenge_csv(tmp_path, stage1_prompts, subcommand, rerank):
+    from farreid.data.protocols import released_cases
+    from farreid.evaluation.submission import read_submission
+
     root = generate(tmp_path / "anon", num_train_ids=8, num_test_ids=3, seed=2, anonymize=True, max_frames=5)
-    cli = main(
-        [
-            "test",
-            *TINY,
-            "--data.root",
-            str(root),
-            "--model.text_prompts",
-            stage1_prompts,
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--evaluator.rerank",
-            "false",
-        ]
-    )
+    args = [*TINY, "--data.root", str(root), "--model.text_prompts", stage1_prompts]
+    cli = main([subcommand, *args, "--trainer.default_root_dir", str(tmp_path / "run"), "--evaluator.rerank", rerank])
     out = Path(cli.trainer.log_dir or tmp_path / "run")
-    lines = (out / "submission.csv").read_text().splitlines()
-    assert lines[0] == "row_id,case,query_tracklet,ranked_gallery_tracklets"
+    path = out / ("submission_rerank.csv" if rerank == "true" else "submission.csv")
+    assert path.read_text().splitlines()[0] == "row_id,case,query_tracklet,ranked_gallery_tracklets"
+    rankings = read_submission(path)  # validates: every row ranks each gallery tracklet exactly once
+    expected = released_cases(str(root))
+    assert expected.anonymized
+    for case, (q, g) in expected.cases.items():
+        queries, ranked = rankings[case]
+        assert sorted(queries) == sorted(expected.tracklets[i].name for i in q)
+        assert all(sorted(r) == sorted(expected.tracklets[i].name for i in g) for r in ranked)
     assert not (out / "results.json").exists()
 
 

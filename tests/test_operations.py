@@ -244,6 +244,8 @@ def test_frozen_backbone_checkpoint_is_small_and_tests(data_root, tiny_clip_dir,
     kept_bytes = sum(v.numel() * v.element_size() for v in saved["state_dict"].values())
     assert kept_bytes < full_bytes
     trained = {k: v.clone() for k, v in fit.model.state_dict().items()}
-    tested = main(["test", *frozen, "--ckpt_path", str(ckpt), "--data.test_split", "val", "--evaluator.figures", "false"])
+    tested = main(
+        ["test", *frozen, "--ckpt_path", str(ckpt), "--data.test_split", "val", "--evaluator.figures", "false"]
+    )
     for key, value in tested.model.state_dict().items():
         assert torch.equal(value, trained[key]), key
