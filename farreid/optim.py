@@ -44,7 +44,7 @@ def param_groups(
 
 
 def apply_lr_mult(optimizer) -> None:
-    """Scale every group's ``lr`` (and ``initial_lr`` if set) by its ``lr_mult`` once, after construction."""
+    """Scale every group's ``lr`` by its ``lr_mult`` once, after construction (before any scheduler)."""
     for group in optimizer.param_groups:
         group["lr"] = group["lr"] * group.get("lr_mult", 1.0)
 
