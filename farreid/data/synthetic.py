@@ -243,19 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--session-change-p", type=float, default=0.5, help="appearance change between UAV sessions")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))  # every option is a keyword of `generate`
     start = time.perf_counter()
-    root = generate(
-        args.root,
-        num_train_ids=args.num_train_ids,
-        num_test_ids=args.num_test_ids,
-        seed=args.seed,
-        anonymize=args.anonymize,
-        difficulty=args.difficulty,
-        session_change_p=args.session_change_p,
-        workers=args.workers,
-        overwrite=args.overwrite,
-    )
+    root = generate(args.pop("root"), **args)
     num_files = sum(1 for _ in root.rglob("*.jpg"))
     print(f"wrote {num_files} frames under {root} in {time.perf_counter() - start:.1f} s")
 

@@ -183,9 +183,9 @@ class ReIDEvaluator(Callback):
         if stage == "test" and trainer.is_global_zero:
             self._report_test(trainer, out_dir, eval_set, weights, report)
         elif trainer.is_global_zero and not trainer.sanity_checking:
-            rank_zero_info(
-                format_table({k: v[0] for k, v in report.items()}, title=f"{prefix} (epoch {trainer.current_epoch})")
-            )
+            during_fit = trainer.state.fn == "fit"
+            title = f"{prefix} (epoch {trainer.current_epoch})" if during_fit else f"{prefix} (checkpoint)"
+            rank_zero_info(format_table({k: v[0] for k, v in report.items()}, title=title))
 
     def _report_test(self, trainer, out_dir: Path, eval_set: EvalSet, weights: torch.Tensor, report: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
