@@ -121,10 +121,11 @@ class ReIDEvaluator(Callback):
         per_case, rankings = {}, {}
         tr = eval_set.tracklets
         for case, (q, g) in eval_set.cases.items():
-            distmat, ranking = distance_matrix(feats[q], feats[g])
             if rerank:
                 distmat = re_ranking(feats[q], feats[g], **self.rerank_params).cpu().numpy()
                 ranking = np.argsort(distmat, axis=1, kind="stable")
+            else:
+                distmat, ranking = distance_matrix(feats[q], feats[g])
             rankings[case] = ranking
             if eval_set.anonymized:
                 continue
