@@ -23,6 +23,11 @@ COMBOS = [
 FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false"]
 
 
+def _tiny(data_root: str, prompts: str, out) -> list[str]:
+    """The tiny vitl14 recipe on generated data, reading stage 1's prompts, writing into ``out``."""
+    return [*TINY, "--data.root", data_root, "--model.text_prompts", prompts, "--trainer.default_root_dir", str(out)]
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("detreidx")
@@ -53,20 +58,7 @@ def test_print_config(combo, capsys):
 def test_stage1_writes_prompts_and_stage2_reads_them(stage1_prompts, data_root, tmp_path):
     saved = torch.load(stage1_prompts, weights_only=True)
     assert saved["context"].ndim == 3 and torch.isfinite(saved["context"]).all()
-    cli = main(
-        [
-            "fit",
-            *TINY,
-            "--data.root",
-            data_root,
-            "--model.text_prompts",
-            stage1_prompts,
-            *FAST,
-            "--trainer.default_root_dir",
-            str(tmp_path),
-        ]
-    )
-    model = cli.model
+    model = main(["fit", *_tiny(data_root, stage1_prompts, tmp_path), *FAST]).model
     assert torch.equal(model.text.context.detach().cpu(), saved["context"])
     assert model.text_bank.shape == (model.hparams.num_classes, model.text.proj_dim)
     assert not model.text.context.requires_grad  # frozen in stage 2
@@ -79,30 +71,12 @@ def test_stage2_without_stage1_output_says_what_to_run(data_root, tmp_path):
 
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_fast_dev_run_every_ablation(ablation, data_root, stage1_prompts, tmp_path):
-    args = ["fit", *TINY, "--config", str(CONFIGS / "ablations" / ablation), "--data.root", data_root]
-    main(
-        args
-        + [
-            "--model.text_prompts",
-            stage1_prompts,
-            "--trainer.fast_dev_run",
-            "2",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-        ]
-    )
+    ablation_config = ["--config", str(CONFIGS / "ablations" / ablation)]
+    main(["fit", *_tiny(data_root, stage1_prompts, tmp_path), *ablation_config, "--trainer.fast_dev_run", "2"])
 
 
 def test_fit_then_test_writes_results(data_root, stage1_prompts, tmp_path):
-    common = [
-        *TINY,
-        "--data.root",
-        data_root,
-        "--model.text_prompts",
-        stage1_prompts,
-        "--trainer.default_root_dir",
-        str(tmp_path),
-    ]
+    common = _tiny(data_root, stage1_prompts, tmp_path)
     fit = main(["fit", *common, *FAST, "--trainer.check_val_every_n_epoch", "1"])
     ckpt = fit.trainer.checkpoint_callback.last_model_path
     assert Path(ckpt).is_file()
