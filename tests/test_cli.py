@@ -143,3 +143,16 @@ def test_unset_root_says_how_to_set_it(monkeypatch):
                 "null",
             ]
         )
+
+
+def test_console_script_lists_the_subcommands():
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "farreid"
+    if not script.exists():
+        pytest.skip("the farreid console script is not installed in this environment (pip install -e .)")
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for subcommand in ("fit", "validate", "test", "predict"):
+        assert subcommand in proc.stdout
