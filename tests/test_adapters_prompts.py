@@ -75,7 +75,9 @@ def test_camera_prompts_select_block_and_camera():
     for row, cam in enumerate(camids.tolist()):
         assert torch.equal(tokens[row], prompts.tokens[1, cam])
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
-        prompts(0, torch.tensor([0, 3]))
+        prompts.check_camids(torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"shape \(B,\)"):
+        prompts.check_camids(torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(IndexError, match="block=2"):
         prompts(2, camids)
 

@@ -212,3 +212,10 @@ def test_bfloat16_autocast_runs_and_stays_close(tiny_clip_dir):
     assert all(
         torch.isfinite(p.grad).all() for _, p in model.new_parameters() + model.pretrained_trainable_parameters()
     )
+
+
+def test_out_of_range_camera_id_is_an_error_naming_the_range():
+    backbone = CLIPVisionBackbone(config=TINY_VISION_CONFIG, adapter_dim=8, prompt_blocks=1, mid_block=None)
+    frames = torch.randn(2, 2, 3, 32, 16)
+    with pytest.raises(ValueError, match=r"camids must lie in \[0, 3\)"):
+        backbone(frames, torch.tensor([0, 3]))

@@ -287,6 +287,8 @@ class CLIPVisionBackbone(nn.Module):
         cls_token = self.embeddings.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B*T, 1, D)
         x = torch.cat([cls_token, x], dim=1)  # (B*T, N, D), N = 1 + h*w
         x = self.pre_layrnorm(x + self._position_embedding(x, height, width))
+        if self.camera_prompts is not None:
+            self.camera_prompts.check_camids(camids)
         frame_camids = camids.repeat_interleave(num_frames)  # (B,) -> (B*T,)
         mid = None
         for i, block in enumerate(self.blocks):

@@ -44,12 +44,19 @@ class CameraPrompts(nn.Module):
         """
         if not 0 <= block < self.num_blocks:
             raise IndexError(f"CameraPrompts has {self.num_blocks} blocks, got block={block}")
+        return self.tokens[block][camids.long()]
+
+    def check_camids(self, camids: torch.Tensor) -> None:
+        """Raise unless ``camids`` is (B,) with values in [0, num_cameras).
+
+        Called once per forward pass by the backbone, not per block: the range check reads the values back to
+        the host, a synchronisation on a GPU.
+        """
         if camids.dim() != 1:
             raise ValueError(f"camids must have shape (B,), got {tuple(camids.shape)}")
         low, high = int(camids.min()), int(camids.max())
         if low < 0 or high >= self.num_cameras:
             raise ValueError(f"camids must lie in [0, {self.num_cameras}), got values in [{low}, {high}]")
-        return self.tokens[block][camids.long()]
 
 
 class ZeroGatedPromptAttention(nn.Module):
