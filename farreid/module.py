@@ -18,6 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from farreid.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy, SupConLoss
@@ -246,11 +247,24 @@ class ReIDModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.build_optimizer()
+        # The total is looked up lazily (after a resumed checkpoint is restored): see ``warmup_cosine``.
         factor = warmup_cosine(
-            self.hparams.warmup_steps, self.trainer.estimated_stepping_batches, self.hparams.min_lr_ratio
+            self.hparams.warmup_steps, lambda: self.trainer.estimated_stepping_batches, self.hparams.min_lr_ratio
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Say how long the run is: steps per epoch, total steps and the warm-up's share of them."""
+        trainer = self.trainer
+        per_epoch, total = trainer.num_training_batches, int(trainer.estimated_stepping_batches)
+        warmup = self.hparams.warmup_steps
+        rank_zero_info(
+            f"[farreid] {per_epoch} steps per epoch, {total} optimizer steps in all; warm-up {warmup} steps "
+            f"({100 * warmup / max(total, 1):.0f}% of the run)"
+        )
+        if warmup >= total:
+            rank_zero_warn(f"model.warmup_steps={warmup} is not shorter than the run ({total} steps): LR never peaks")
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _reloadable_prefixes(self) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
@@ -49,21 +49,30 @@ def apply_lr_mult(optimizer) -> None:
         group["lr"] = group["lr"] * group.get("lr_mult", 1.0)
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.01):
+def warmup_cosine(warmup_steps: int, total_steps: int | Callable[[], int], min_lr_ratio: float = 0.01):
     """LR factor for ``LambdaLR``: linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine to ``min_lr_ratio``.
 
     Args:
         warmup_steps: optimizer steps of linear warm-up.
-        total_steps: total optimizer steps of the run (``trainer.estimated_stepping_batches``).
+        total_steps: total optimizer steps of the run, or a function returning it. A function is called at the
+            first step after the warm-up, not before: ``trainer.estimated_stepping_batches`` builds the training
+            loader, and building it before a checkpoint is restored would start a resumed epoch from the wrong
+            sampler position.
         min_lr_ratio: final LR as a fraction of the peak.
     """
-    total_steps = max(int(total_steps), 1)
-    warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
+    warmup_steps = max(int(warmup_steps), 0)
+    resolved: list[int] = []
+
+    def total() -> int:
+        if not resolved:
+            value = total_steps() if callable(total_steps) else total_steps
+            resolved.append(max(int(value), 1))
+        return resolved[0]
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        progress = min((step - warmup_steps) / max(total() - warmup_steps, 1), 1.0)
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor

@@ -60,10 +60,14 @@ def test_frame_indices_rejects_empty():
         frame_indices(0, 8, False, random.Random(0))
 
 
-def make_labels(num_ids: int, rng: random.Random) -> list[int]:
-    labels = [i for i in range(num_ids) for _ in range(rng.randint(1, 6))]
+def make_labels(num_ids: int, rng: random.Random, most: int = 6) -> list[int]:
+    labels = [i for i in range(num_ids) for _ in range(rng.randint(1, most))]
     rng.shuffle(labels)
     return labels
+
+
+def indices(batch: list[tuple[int, int]]) -> list[int]:
+    return [index for index, _ in batch]
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 3])
@@ -73,13 +77,14 @@ def test_batches_are_p_identities_times_k(replicas):
     per_rank = [
         list(IdentityBatchSampler(labels, p, k, seed=5, num_replicas=replicas, rank=r)) for r in range(replicas)
     ]
-    expected_len = 23 // (p * replicas)
+    groups = sum(max(labels.count(i) // k, 1) for i in set(labels))  # the baseline's groups of K per identity
+    expected_len = groups // (p * replicas)
     for r in range(replicas):
         assert len(per_rank[r]) == expected_len == len(IdentityBatchSampler(labels, p, k, 5, replicas, r))
     for step in range(expected_len):
         step_ids = []
         for r in range(replicas):
-            batch = per_rank[r][step]
+            batch = indices(per_rank[r][step])
             assert len(batch) == p * k
             ids = [labels[i] for i in batch]
             counts = Counter(ids)
@@ -92,14 +97,40 @@ def test_batches_are_p_identities_times_k(replicas):
         assert len(step_ids) == len(set(step_ids))  # no identity on two ranks at the same step
 
 
-def test_identities_appear_once_per_pass():
-    labels = make_labels(16, random.Random(2))
-    sampler = IdentityBatchSampler(labels, p=4, k=2, seed=0, passes_per_epoch=3)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) == 12
-    for start in range(0, 12, 4):
-        ids = [labels[i] for batch in batches[start : start + 4] for i in batch[::2]]
-        assert sorted(ids) == list(range(16))
+@pytest.mark.parametrize(("num_ids", "most", "p", "k"), [(40, 12, 4, 4), (25, 30, 8, 4), (60, 5, 8, 2), (16, 9, 2, 8)])
+def test_an_epoch_is_one_pass_over_the_tracklets(num_ids, most, p, k):
+    """Each tracklet about once per epoch, as the baseline's RandomIdentitySampler; steps × P × K ~ tracklets."""
+    labels = make_labels(num_ids, random.Random(num_ids), most)
+    sampler = IdentityBatchSampler(labels, p=p, k=k, seed=0)
+    seen = Counter(i for batch in sampler for i in indices(batch))
+    usable = sum(max(labels.count(i) // k, 1) * k for i in set(labels))  # tracklets in full groups of K
+    assert len(sampler) * p * k > usable - p * k
+    # Groups are drawn by how many each identity has left, so the pass ends with (almost) every group used.
+    grouped = [i for i in range(len(labels)) if labels.count(labels[i]) >= k]
+    assert sum(1 for i in grouped if seen[i]) >= 0.9 * sum(labels.count(i) // k * k for i in set(labels))
+    assert max(seen[i] for i in grouped) <= 2  # a second visit only where an identity was dealt a fresh shuffle
+
+
+def test_epochs_differ_and_seen_tracklets_grow():
+    labels = make_labels(30, random.Random(4))
+    sampler = IdentityBatchSampler(labels, p=4, k=4, seed=3)
+    epochs, seen = [], set()
+    sizes = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+        seen |= {i for batch in epochs[-1] for i in indices(batch)}
+        sizes.append(len(seen))
+    assert len({str(e) for e in epochs}) == 4
+    assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
+
+
+def test_every_item_carries_its_own_seed():
+    labels = make_labels(20, random.Random(5))
+    batches = list(IdentityBatchSampler(labels, p=4, k=2, seed=1))
+    seeds = [seed for batch in batches for _, seed in batch]
+    assert len(set(seeds)) == len(seeds)
+    assert all(isinstance(seed, int) and 0 <= seed < 2**62 for seed in seeds)
 
 
 def test_seed_reproducible_and_epoch_changes_order():
@@ -112,6 +143,31 @@ def test_seed_reproducible_and_epoch_changes_order():
     b.set_epoch(1)
     assert list(a) == list(b)
     assert list(IdentityBatchSampler(labels, 4, 2, seed=8)) != first
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_resumed_position_skips_exactly_the_batches_done(replicas):
+    labels = make_labels(30, random.Random(6))
+    for rank in range(replicas):
+        sampler = IdentityBatchSampler(labels, 3, 2, seed=2, num_replicas=replicas, rank=rank)
+        sampler.set_epoch(3)
+        full = list(sampler)
+        sampler.set_position(3, 5)
+        assert list(sampler) == full[5:]
+        assert list(sampler) == full  # the skip applies to the resumed epoch only
+        sampler.set_position(3, 5)
+        sampler.set_epoch(3)  # Lightning's set_epoch for the same epoch keeps the skip
+        assert list(sampler) == full[5:]
+
+
+def test_lightning_finds_set_epoch():
+    """Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler`` only (fabric ``_set_sampler_epoch``)."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    sampler = IdentityBatchSampler(make_labels(12, random.Random(0)), 2, 2)
+    _set_sampler_epoch(DataLoader(list(range(100)), batch_sampler=sampler), 5)
+    assert sampler.epoch == 5
 
 
 def test_too_few_identities_is_an_error():

@@ -141,7 +141,9 @@ class DetReIDXDataModule(L.LightningDataModule):
             num_replicas=1 if trainer is None else trainer.world_size,
             rank=0 if trainer is None else trainer.global_rank,
         )
-        return DataLoader(
+        if trainer is not None:
+            sampler.set_position(*_loop_position(trainer, len(sampler)))
+        return TrainLoader(
             self.train_set,
             batch_sampler=sampler,
             num_workers=h.num_workers,
@@ -184,3 +186,39 @@ class DetReIDXDataModule(L.LightningDataModule):
     def eval_set(self, stage: str) -> EvalSet:
         """The :class:`EvalSet` evaluated in a Lightning stage ("validate"/"fit" -> val, "test"/"predict")."""
         return self.eval_sets["val" if stage in ("fit", "validate", "sanity_check") else "test"]
+
+
+def _loop_position(trainer: L.Trainer, num_batches: int) -> tuple[int, int]:
+    """(epoch, first batch) the fit loop continues from: (0, 0) fresh, (e, n) resumed after n batches of epoch e.
+
+    Lightning builds the training iterator once, before the first epoch, and on resume does not rebuild it; with
+    DataLoader workers the first indices are drawn at that moment, before Lightning's ``set_epoch``. So the
+    sampler is put at the restored position here (the module looks up the run's total steps lazily, so that
+    this loader is built after the checkpoint is restored).
+    """
+    epoch = trainer.fit_loop.epoch_progress.current.processed
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return epoch, done if 0 < done < num_batches else 0
+
+
+class TrainLoader(DataLoader):
+    """The training DataLoader, resumable in Lightning's sense (``state_dict``/``load_state_dict``).
+
+    Its position needs no state of its own (it is a function of the restored fit loop, see ``_loop_position``);
+    the state records what the batches are drawn from, so that resuming on other data or another P×K is an
+    error instead of a silent change of the batch sequence.
+    """
+
+    def state_dict(self) -> dict:
+        sampler: IdentityBatchSampler = self.batch_sampler
+        return {"num_tracklets": len(self.dataset), "num_batches": len(sampler), "seed": sampler.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        changed = {k: (v, mine.get(k)) for k, v in state.items() if mine.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: checkpoint {old} vs now {new}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"cannot resume: the training data or sampler differ from the checkpoint's ({details}); resume with "
+                "the same data.root, data.val_share, data.p/k and seed, or start a new run"
+            )

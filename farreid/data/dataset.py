@@ -41,11 +41,12 @@ class TrackletDataset(Dataset):
     Items are dicts: ``frames`` (T, 3, H, W) float32, ``mask`` (T,) bool (False on padding repeats),
     ``label`` int (-1 without labels), ``pid`` int, ``camid`` int, ``index`` int (position in ``tracklets``).
 
-    Training items draw frames and augmentations from a fresh generator per call, seeded from torch's
-    generator, which differs per DataLoader worker and per epoch (and follows ``seed_everything``). Test items
-    are deterministic. A frame that cannot be decoded is replaced by the nearest readable frame of the same
-    tracklet, with a warning the first time the file fails; ``skipped_frames`` counts the replacements in this
-    process.
+    Training items keyed ``(index, seed)`` (what :class:`~farreid.data.sampling.IdentityBatchSampler` yields)
+    draw frames and augmentations from ``random.Random(seed)``, so they do not depend on the worker; keyed by a
+    bare index they draw from a generator seeded from torch's, which differs per DataLoader worker and per
+    epoch (and follows ``seed_everything``). Test items are deterministic. A frame that cannot be decoded is
+    replaced by the nearest readable frame of the same tracklet, with a warning the first time the file fails;
+    ``skipped_frames`` counts the replacements in this process.
 
     Args:
         tracklets: the tracklets, e.g. from :func:`~farreid.data.detreidx.read_split`.
@@ -116,9 +117,15 @@ class TrackletDataset(Dataset):
             f"first failing file: {frames[index]}"
         )
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Item ``key``: a dataset index, or ``(index, seed)`` from a sampler that seeds every draw itself."""
+        if isinstance(key, tuple):
+            index, seed = key
+            rng = random.Random(seed)
+        else:
+            index = key
+            rng = self._rng(index)
         tracklet = self.tracklets[index]
-        rng = self._rng(index)
         indices, mask = frame_indices(len(tracklet.frames), self.num_frames, self.training, rng)
         cache: dict[int, Image.Image] = {}
         for i in indices:
