@@ -26,7 +26,7 @@ demo-data: install ## generate the DetReIDX-format demo dataset in $(DEMO_ROOT) 
 	@test -f $(DEMO_ROOT)/.complete || ($(PY) -m farreid.data.synthetic $(DEMO_ROOT) --seed 0 && touch $(DEMO_ROOT)/.complete)
 
 demo: demo-data ## set up, generate demo data, score the untrained model, fit, test, print the per-case table
-	$(PY) -m farreid.demo --config configs/demo.yaml
+	$(PY) -m farreid.demo --config configs/demo.yaml --data.root $(DEMO_ROOT)
 
 test: install ## the fast test tier (CPU, hermetic)
 	$(VENV)/bin/pytest -q -m "not slow and not gpu"

@@ -1,19 +1,49 @@
 """The ``farreid`` command: a LightningCLI with the ReID module, the DetReIDX datamodule and the evaluator.
 
-farreid fit --config configs/vitl14.yaml --model.backbone.init_args.pretrained /path/to/clip-vit-large-patch14
-farreid test --config configs/vitl14.yaml --ckpt_path runs/vitl14/.../best.ckpt
+farreid fit --config configs/vitl14.yaml                        (FARREID_DATA, FARREID_CLIP or --data.root ...)
+farreid test --config configs/vitl14.yaml --ckpt_path last      (the newest state of that run)
+
+What the CLI adds to Lightning's (see ``farreid.runs`` for the run layout):
+- exit status 0 on success and non-zero on any failure, with the error in one line (``FARREID_DEBUG=1`` shows
+  the traceback);
+- path precedence: command line > ``FARREID_DATA``/``FARREID_CLIP`` > YAML, shown by ``--print_config``;
+- one directory per run, one stable checkpoint directory per run name, ``--ckpt_path last`` resolved there
+  (an error for test/predict when there is none), a lock against two fits in one run directory;
+- stage 1 writes into ``ROOT/stage1`` and stage 2 reads its prompts from there;
+- test/predict size the (unused) classifier from the checkpoint, so they need no ``train/`` folder.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
+import torch
+from jsonargparse import Namespace
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from farreid.data.datamodule import DetReIDXDataModule
+from farreid.data.datamodule import ROOT_ENV, DetReIDXDataModule
 from farreid.evaluation.callback import ReIDEvaluator
+from farreid.models import CLIP_ENV
 from farreid.module import ReIDModule
+from farreid.runs import LAST, AtomicCheckpointIO, Preempted, RunCheckpoint, RunLock, is_launcher_process, new_run_dir
+
+# config key -> environment variable that fills it when the command line does not
+PATH_KEYS = {
+    "data.root": ROOT_ENV,
+    "model.backbone.init_args.pretrained": CLIP_ENV,
+    "model.text.init_args.pretrained": CLIP_ENV,
+}
+SUBCOMMAND_HELP = {
+    "fit": "Train the model (stage 1 or 2), validating on the held-out training identities.",
+    "validate": "Score a checkpoint on the validation split carved from the training identities.",
+    "test": "Score a checkpoint on the case folders (or write the challenge CSV on an anonymized release).",
+    "predict": "Write the challenge submission CSV (whole gallery ranked per query) for a checkpoint.",
+}
 
 
 def configure_wandb_mode(environ: os._Environ | dict = os.environ) -> str:
@@ -32,28 +62,234 @@ def configure_wandb_mode(environ: os._Environ | dict = os.environ) -> str:
     return mode
 
 
+def git_commit() -> str | None:
+    """The farreid checkout's commit (with ``+dirty`` for uncommitted changes), or None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if sha.returncode != 0:
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 class LoggedConfigCallback(SaveConfigCallback):
     """Saves ``config.yaml`` in the run directory and also logs the resolved config to every logger (W&B)."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        config = self.parser.dump(self.config, skip_none=False, format="yaml")
-        for logger in trainer.loggers:
-            import yaml
+        import yaml
 
-            logger.log_hyperparams({"config": yaml.safe_load(config)})
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False, format="yaml"))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
+
+
+def _given_on_command_line(args: list[str], key: str) -> bool:
+    return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in args)
+
+
+def _get(cfg: Namespace, key: str):
+    try:
+        return cfg[key]
+    except (KeyError, TypeError):
+        return None
 
 
 class FarReIDCLI(LightningCLI):
-    """LightningCLI with farreid's links: the classifier width comes from the data, the evaluator is always on."""
+    """LightningCLI with farreid's links, run directories, path precedence and the always-on evaluator."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("auto_configure_optimizers", False)  # model.optimizer is the only optimizer
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.add_lightning_class_args(ReIDEvaluator, "evaluator")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpointing")
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        # Lightning takes each subcommand's help from the first docstring line of the Trainer method, which is
+        # cut mid-sentence for test and predict.
+        for name, text in SUBCOMMAND_HELP.items():
+            kwargs.setdefault(name, {}).setdefault("description", text)
+        super()._add_subcommands(parser, **kwargs)
+        for action in parser._subcommands_action._choices_actions:
+            if action.dest in SUBCOMMAND_HELP:
+                action.help = SUBCOMMAND_HELP[action.dest]
+
+    # ------------------------------------------------------------------------------------- parsing
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict | Namespace) else None
+        self._argv = argv or []
+        printing = argv is not None and any(a.startswith("--print_config") for a in argv)
+        if not printing:
+            super().parse_arguments(parser, args)
+            self._resolve_paths(self.config)
+            return
+        # --print_config shows the paths the environment fills in, so it is parsed here, not by jsonargparse.
+        super().parse_arguments(parser, [a for a in argv if not a.startswith("--print_config")])
+        self._resolve_paths(self.config, announce=False)
+        subcommand = self.config["subcommand"]
+        print(self._subcommand_parsers[subcommand].dump(self.config[subcommand], skip_none=False), end="")
+        raise SystemExit(0)
+
+    def _resolve_paths(self, config: Namespace, announce: bool = True) -> None:
+        """Command line > environment > YAML for the machine paths (``PATH_KEYS``)."""
+        subcommand = config.get("subcommand")
+        if not subcommand:
+            return
+        cfg = config[subcommand]
+        for key, env in PATH_KEYS.items():
+            value, from_env = _get(cfg, key), os.environ.get(env)
+            if not from_env or _given_on_command_line(self._argv, key) or value == from_env:
+                continue
+            parent = key.rsplit(".", 1)[0]
+            if parent != "data" and _get(cfg, parent) is None:
+                continue  # e.g. model.text is null: nothing to fill
+            if key != "data.root" and value is None and _get(cfg, parent + ".config") is not None:
+                continue  # a random tower built from a config dict, not a pretrained directory
+            cfg[key] = from_env
+            if announce and value is not None and is_launcher_process():
+                print(f"[farreid] {key} = {from_env} (from {env}, which overrides the config's {value})")
+
+    # ------------------------------------------------------------------------------ run directories
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.subcommand
+        if subcommand is None:
+            return
+        cfg = self.config[subcommand]
+        base = Path(cfg.trainer.default_root_dir or "runs/farreid").absolute()
+        stage1 = _get(cfg, "model.stage") == 1
+        root = base / "stage1" if stage1 else base
+        if _get(cfg, "model.text") is not None and not _get(cfg, "model.text_prompts"):
+            cfg.model.text_prompts = str(base / "stage1" / "text_prompts.pt")
+        ckpt_dir = root / "checkpoints"
+        self._resolve_ckpt_path(cfg, subcommand, ckpt_dir)
+        if subcommand in ("test", "predict"):
+            self._classifier_from_checkpoint(cfg)
+        if subcommand == "fit" and is_launcher_process():
+            self.run_lock = RunLock(root)
+        run_dir = new_run_dir(root, subcommand)
+        cfg.trainer.default_root_dir = str(run_dir)
+        cfg.checkpointing.dirpath = str(ckpt_dir)
+        self._route_loggers(cfg, run_dir)
+        self._route_checkpoints(cfg, ckpt_dir)
+        if is_launcher_process():
+            print(f"[farreid] {subcommand}: run directory {run_dir}; checkpoints in {ckpt_dir}")
+
+    def _resolve_ckpt_path(self, cfg: Namespace, subcommand: str, ckpt_dir: Path) -> None:
+        ckpt = cfg.get("ckpt_path")
+        if ckpt == "last":
+            path = ckpt_dir / LAST
+            if path.is_file():
+                cfg.ckpt_path = str(path)
+            elif subcommand == "fit":
+                cfg.ckpt_path = None
+                if is_launcher_process():
+                    print(f"[farreid] --ckpt_path last: no {path} yet, starting a new run")
+            else:
+                raise FileNotFoundError(
+                    f"--ckpt_path last: no checkpoint at {path}; fit this run first or pass --ckpt_path PATH"
+                )
+        elif ckpt and not Path(ckpt).is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt}: no such checkpoint file")
+        elif not ckpt and subcommand in ("test", "predict") and is_launcher_process():
+            print(f"[farreid] {subcommand} without --ckpt_path: scoring the untrained model")
+
+    def _classifier_from_checkpoint(self, cfg: Namespace) -> None:
+        """Retrieval never uses the classifier: take its width from the checkpoint, or 1 without train/."""
+        if cfg.data.get("num_classes"):
+            return
+        if cfg.get("ckpt_path"):
+            hparams = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True).get(
+                "hyper_parameters", {}
+            )
+            if hparams.get("num_classes"):
+                cfg.data.num_classes = int(hparams["num_classes"])
+        elif cfg.data.get("root") and not (Path(cfg.data.root) / "train").is_dir():
+            cfg.data.num_classes = 1
+
+    @staticmethod
+    def _route_loggers(cfg: Namespace, run_dir: Path) -> None:
+        """Every logger writes into the run directory, whatever its own versioning would pick."""
+        logger = cfg.trainer.get("logger")
+        if logger is True or logger is None:
+            cfg.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger",
+                init_args=Namespace(save_dir=str(run_dir), name="", version=""),
+            )
+            return
+        for item in logger if isinstance(logger, list) else [logger]:
+            if not isinstance(item, Namespace):
+                continue
+            args = item.get("init_args") or Namespace()
+            if item.class_path.endswith(("CSVLogger", "TensorBoardLogger")):
+                args.save_dir, args.name, args.version = str(run_dir), "", ""
+            else:
+                args.save_dir = str(run_dir)
+            item.init_args = args
+
+    @staticmethod
+    def _route_checkpoints(cfg: Namespace, ckpt_dir: Path) -> None:
+        """ModelCheckpoints write into the run name's stable directory; last.ckpt belongs to RunCheckpoint."""
+        for cb in cfg.trainer.get("callbacks") or []:
+            if isinstance(cb, Namespace) and cb.class_path.endswith("ModelCheckpoint"):
+                args = cb.get("init_args") or Namespace()
+                if not args.get("dirpath"):
+                    args.dirpath = str(ckpt_dir)
+                args.save_last = False
+                cb.init_args = args
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self.subcommand is None:
+            return
+        evaluator = next((cb for cb in self.trainer.callbacks if isinstance(cb, ReIDEvaluator)), None)
+        if evaluator is not None:
+            evaluator.run_info = {
+                "subcommand": self.subcommand,
+                "checkpoint": self.config[self.subcommand].get("ckpt_path"),
+                "git_commit": git_commit(),
+                "config": self.parser.dump(self.config, skip_none=False, format="yaml"),
+            }
+        _check_image_size(self.model, self.datamodule)
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with checkpoints written atomically unless the config brings its own CheckpointIO."""
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else ([plugins] if plugins else [])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            lock = getattr(self, "run_lock", None)
+            if lock is not None:
+                lock.release()
+
+
+def _check_image_size(model: ReIDModule, datamodule: DetReIDXDataModule) -> None:
+    patch_embedding = getattr(getattr(model.backbone, "embeddings", None), "patch_embedding", None)
+    patch = patch_embedding.kernel_size[0] if isinstance(patch_embedding, torch.nn.Conv2d) else None
+    height, width = datamodule.hparams.image_size
+    if patch and (height % patch or width % patch or height < patch or width < patch):
+        raise ValueError(
+            f"data.image_size {[height, width]} must be a positive multiple of the backbone's patch size {patch} "
+            f"in both dimensions (e.g. {[max(patch, height // patch * patch), max(patch, width // patch * patch)]})"
+        )
 
 
 def main(args: list[str] | None = None, run: bool = True) -> FarReIDCLI:
-    """Entry point of the ``farreid`` console script (``args`` for tests, as in ``main(args=[...])``)."""
+    """Build and run the CLI; returns it (for Python use and tests: ``main(args=[...])``). Raises on failure."""
     configure_wandb_mode()
+    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended", category=UserWarning)
     return FarReIDCLI(
         ReIDModule,
         DetReIDXDataModule,
@@ -66,5 +302,33 @@ def main(args: list[str] | None = None, run: bool = True) -> FarReIDCLI:
     )
 
 
+def console(argv: list[str] | None = None) -> int:
+    """The ``farreid`` console script: exit status 0 on success, non-zero with a one-line error otherwise.
+
+    128 + the signal number after a pre-emption signal (the resumable checkpoint is saved first), 1 on any other
+    error, 2 on a usage error (argument parsing). ``FARREID_DEBUG=1`` prints the full traceback.
+    """
+    try:
+        main(argv)
+    except SystemExit as err:
+        return err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+    except Preempted as err:
+        print(f"farreid: {err}", file=sys.stderr)
+        return 128 + int(err.signum)
+    except KeyboardInterrupt:
+        print("farreid: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the console script reports every failure in one line
+        if os.environ.get("FARREID_DEBUG"):
+            raise
+        message = str(err).strip().splitlines()
+        print(f"farreid: error: {type(err).__name__}: {message[0] if message else ''}", file=sys.stderr)
+        for line in message[1:3]:
+            print(f"  {line}", file=sys.stderr)
+        print("  (FARREID_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(console())

@@ -13,6 +13,7 @@ import time
 
 from farreid.cli import main
 from farreid.evaluation.reporting import format_table
+from farreid.runs import last_checkpoint
 
 
 def run_demo(config: str, extra: list[str] | None = None) -> dict[str, dict]:
@@ -22,7 +23,7 @@ def run_demo(config: str, extra: list[str] | None = None) -> dict[str, dict]:
     untrained = main(["test", "--config", config, *extra]).trainer.callbacks
     untrained_results = _evaluator(untrained).last_results
     fit = main(["fit", "--config", config, *extra])
-    best = fit.trainer.checkpoint_callback.best_model_path or fit.trainer.checkpoint_callback.last_model_path
+    best = fit.trainer.checkpoint_callback.best_model_path or str(last_checkpoint(fit.trainer))
     tested = main(["test", "--config", config, *extra, "--ckpt_path", best])
     trained_results = _evaluator(tested.trainer.callbacks).last_results
     minutes = (time.perf_counter() - start) / 60

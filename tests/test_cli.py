@@ -8,6 +8,7 @@ import torch
 
 from farreid.cli import main
 from farreid.data.synthetic import generate
+from farreid.runs import last_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["--config", str(CONFIGS / "vitl14.yaml"), "--config", str(CONFIGS / "tiny.yaml")]
@@ -78,7 +79,7 @@ def test_fast_dev_run_every_ablation(ablation, data_root, stage1_prompts, tmp_pa
 def test_fit_then_test_writes_results(data_root, stage1_prompts, tmp_path):
     common = _tiny(data_root, stage1_prompts, tmp_path)
     fit = main(["fit", *common, *FAST, "--trainer.check_val_every_n_epoch", "1"])
-    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    ckpt = str(last_checkpoint(fit.trainer))
     assert Path(ckpt).is_file()
     assert "val/overall/mAP" in fit.trainer.callback_metrics
     tested = main(["test", *common, "--ckpt_path", ckpt, "--evaluator.figures", "true"])

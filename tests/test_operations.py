@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from farreid.cli import configure_wandb_mode, main
 from farreid.data.synthetic import generate
+from farreid.runs import last_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -47,11 +47,14 @@ def _farreid(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_two_process_ddp_fit_and_evaluation_match_one_process(data_root, tmp_path):
     """A 2-rank gloo run trains, and its gathered evaluation equals the 1-process one on the same checkpoint."""
     common = [*BASE, "--data.root", data_root, "--data.test_split", "val", "--trainer.logger", "false"]
+    log = tmp_path / "batches.jsonl"
+    recorder = {"class_path": "tests.recorders.Recorder", "init_args": {"path": str(log)}}
     _farreid(
         "fit",
         *common,
-        "--trainer.max_steps",
-        "3",
+        f"--trainer.callbacks+={json.dumps(recorder)}",
+        "--trainer.max_epochs",
+        "2",
         "--trainer.devices",
         "2",
         "--trainer.strategy",
@@ -64,6 +67,18 @@ def test_two_process_ddp_fit_and_evaluation_match_one_process(data_root, tmp_pat
     )
     ckpts = sorted((tmp_path / "fit").rglob("last.ckpt"))
     assert ckpts, "the DDP fit wrote no checkpoint"
+    # Every epoch draws new batches on every rank, and no identity is on two ranks at the same step.
+    batches = [json.loads(line) for line in log.read_text().splitlines()]
+    by = {(b["rank"], b["epoch"]): [] for b in batches}
+    for b in batches:
+        by[(b["rank"], b["epoch"])].append(b)
+    assert sorted(by) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for rank in (0, 1):
+        assert [b["index"] for b in by[(rank, 0)]] != [b["index"] for b in by[(rank, 1)]]
+    for epoch in (0, 1):
+        assert len(by[(0, epoch)]) == len(by[(1, epoch)]) > 0
+        for mine, theirs in zip(by[(0, epoch)], by[(1, epoch)], strict=True):
+            assert not set(mine["label"]) & set(theirs["label"])
     results = {}
     for devices in ("1", "2"):
         out = tmp_path / f"test{devices}"
@@ -87,62 +102,6 @@ def test_two_process_ddp_fit_and_evaluation_match_one_process(data_root, tmp_pat
         assert results["1"][case]["num_query"] == results["2"][case]["num_query"]
         for metric in ("mAP", "rank1", "mINP"):
             assert results["1"][case][metric] == pytest.approx(results["2"][case][metric], abs=1e-6), (case, metric)
-
-
-class _Crash(Callback):
-    """Dies like a pre-empted job: an exception at a given step, after the periodic checkpoint was written."""
-
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated node failure")
-
-
-def test_kill_and_resume_reaches_the_same_step_count(data_root, tmp_path):
-    common = [
-        *BASE,
-        "--data.root",
-        data_root,
-        "--trainer.logger",
-        "false",
-        "--trainer.max_epochs",
-        "3",
-        "--trainer.limit_train_batches",
-        "3",
-        "--trainer.check_val_every_n_epoch",
-        "3",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-    ]
-
-    def ckpt_cb(folder: str) -> list[str]:
-        return [
-            "--trainer.callbacks+=ModelCheckpoint",
-            "--trainer.callbacks.every_n_train_steps=3",
-            "--trainer.callbacks.save_last=true",
-            f"--trainer.callbacks.dirpath={tmp_path / folder}",
-        ]
-
-    full = main(["fit", *common, *ckpt_cb("uninterrupted")])
-    planned = full.trainer.global_step
-    batches = full.trainer.num_training_batches
-    assert planned == 3 * batches and batches == 2  # so step 3 (the checkpoint) lies inside the second epoch
-
-    cli = main([*common, *ckpt_cb("ckpt")], run=False)
-    cli.trainer.callbacks.append(_Crash(at_step=4))
-    with pytest.raises(RuntimeError, match="simulated node failure"):
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    last = tmp_path / "ckpt" / "last.ckpt"
-    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 3
-
-    resumed = main(["fit", *common, *ckpt_cb("ckpt"), "--ckpt_path", str(last)])
-    assert resumed.trainer.global_step == planned
-    final = torch.load(last, weights_only=True, map_location="cpu")
-    assert final["global_step"] == planned
-    assert "optimizer_states" in final and final["lr_schedulers"]
-    main(["test", *common, "--ckpt_path", str(last), "--data.test_split", "val", "--evaluator.figures", "false"])
 
 
 def test_offline_wandb_run_records_per_case_metrics(data_root, tmp_path, monkeypatch):
@@ -236,7 +195,7 @@ def test_frozen_backbone_checkpoint_is_small_and_tests(data_root, tiny_clip_dir,
         str(tmp_path),
     ]
     fit = main(["fit", *frozen, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
-    ckpt = Path(fit.trainer.checkpoint_callback.last_model_path)
+    ckpt = last_checkpoint(fit.trainer)
     saved = torch.load(ckpt, weights_only=True, map_location="cpu")
     assert saved["farreid"]["pretrained"] == str(tiny_clip_dir)
     assert not any(k.startswith("backbone.blocks.0.layer.") for k in saved["state_dict"])

@@ -41,6 +41,8 @@ class DetReIDXDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         flip_p, erase_p, pad, color_jitter: training augmentation, decided once per tracklet.
         test_split: what ``test``/``predict`` evaluate: the released ``"cases"`` folders or the ``"val"`` split.
+        num_classes: the classifier width when this run does not train (``test``/``predict``: the farreid CLI
+            reads it from the checkpoint, so no ``train/`` folder is needed); None = count training identities.
     """
 
     def __init__(
@@ -61,16 +63,20 @@ class DetReIDXDataModule(L.LightningDataModule):
         pad: int = 10,
         color_jitter: float = 0.0,
         test_split: str = "cases",
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         root = root or os.environ.get(ROOT_ENV)
         if not root:
             raise ValueError(f"data.root is not set: pass --data.root PATH or set {ROOT_ENV}=PATH")
+        for name, value in (("num_frames", num_frames), ("num_frames_test", num_frames_test), ("p", p), ("k", k)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}")
         if test_split not in ("cases", "val"):
             raise ValueError(f"data.test_split must be 'cases' or 'val', got {test_split!r}")
         self.save_hyperparameters()
         self.root = str(root)
-        self.num_frames_test = num_frames_test or num_frames
+        self.num_frames_test = num_frames if num_frames_test is None else num_frames_test
         self.train_set: TrackletDataset | None = None
         self.eval_sets: dict[str, EvalSet] = {}
 
@@ -87,6 +93,8 @@ class DetReIDXDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         """Number of training identities (after the validation hold-out): the classifier's width."""
+        if self.hparams.num_classes:
+            return self.hparams.num_classes
         return len(self._identity_split[0])
 
     def setup(self, stage: str) -> None:
