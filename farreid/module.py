@@ -21,12 +21,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from farreid.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy, SupConLoss
+from farreid.losses import BatchHardTripletLoss, SupConLoss
 from farreid.models.backbone import CLIPVisionBackbone
 from farreid.models.heads import BNNeck
 from farreid.models.pooling import TemporalAttentionPooling
 from farreid.models.text import TextPromptLearner
-from farreid.optim import apply_lr_mult, param_groups, warmup_cosine
+from farreid.optim import apply_lr_mult, param_groups, warmup_cosine, warmup_multistep
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,25 @@ class ReIDModule(L.LightningModule):
         text: builds the text prompt learner from ``num_classes``; None trains without text supervision.
         stage: 1 = learn the text prompts on the frozen image side, 2 = train the image side.
         text_prompts: file the stage-1 context vectors are written to and stage 2 reads them from.
-        id_weight, triplet_weight, mid_triplet_weight, i2t_weight, supcon_weight: loss weights.
-        label_smoothing: epsilon of the identity loss. triplet_margin: margin of the cosine triplet.
+        id_weight: weight of each head's identity loss (the pooled-CLS head and the projection head).
+        triplet_weight: weight of each of the two batch-hard triplet losses, on the pooled CLS and on the pooled
+            projection (both before the BN neck). mid_triplet_weight: weight of the triplet on the pooled
+            intermediate CLS (``backbone.mid_block``).
+        i2t_weight: weight of the image->text cross-entropy of the pooled projection against every identity's
+            text feature. supcon_weight: weight of each stage-2 SupCon term (image->text and text->image).
+        label_smoothing: epsilon of the identity and image->text cross-entropies. triplet_margin: cosine margin.
+        image_text_logits: "cosine" = logit_scale x cosine similarity of the L2-normalised features; "raw" = the
+            plain dot product of the unnormalised projection and text features (the baseline, CLIP-ReID).
         logit_scale: multiplier of cosine similarities in the image<->text losses (CLIP's is 100).
         optimizer: builds the optimizer from parameter groups (base LR, weight decay in its init args).
         backbone_lr_mult: LR multiplier of the pretrained blocks that train (selective fine-tuning).
-        warmup_steps: linear warm-up steps of the warm-up + cosine schedule. min_lr_ratio: its final LR factor.
+        bias_lr_mult, bias_weight_decay, decay_vectors: bias LR factor, bias weight decay (None = 0) and
+            whether norm weights / prompts / other vectors decay; see :func:`farreid.optim.param_groups`.
+        lr_schedule: "cosine" (linear warm-up from ~0, cosine to ``min_lr_ratio``) or "multistep" (linear warm-up
+            from ``warmup_factor``, x ``lr_gamma`` at each of ``lr_milestones``).
+        lr_interval: "step" or "epoch": the unit of ``warmup_steps`` and ``lr_milestones`` and when the LR moves.
+        warmup_steps: warm-up length in ``lr_interval`` units. min_lr_ratio: final LR factor of the cosine.
+        warmup_factor: LR factor at the start of the multistep warm-up. lr_milestones, lr_gamma: its decay.
         flip_tta: average the embedding of each clip with its horizontal flip at test time.
         eval_feature: "bn" (after the BNNeck) or "raw" (before) for the retrieval embedding.
     """
@@ -67,11 +80,20 @@ class ReIDModule(L.LightningModule):
         supcon_weight: float = 0.0,
         label_smoothing: float = 0.1,
         triplet_margin: float = 0.3,
+        image_text_logits: str = "cosine",
         logit_scale: float = 100.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         backbone_lr_mult: float = 0.1,
+        bias_lr_mult: float = 1.0,
+        bias_weight_decay: float | None = None,
+        decay_vectors: bool = False,
+        lr_schedule: str = "cosine",
+        lr_interval: str = "step",
         warmup_steps: int = 500,
         min_lr_ratio: float = 0.01,
+        warmup_factor: float = 0.1,
+        lr_milestones: list[int] | None = None,
+        lr_gamma: float = 0.1,
         flip_tta: bool = True,
         eval_feature: str = "bn",
     ) -> None:
@@ -84,6 +106,13 @@ class ReIDModule(L.LightningModule):
             raise ValueError("model.stage=1 learns text prompts: set model.text (a TextPromptLearner)")
         if eval_feature not in ("bn", "raw"):
             raise ValueError(f"model.eval_feature must be 'bn' or 'raw', got {eval_feature!r}")
+        for key, value, allowed in (
+            ("image_text_logits", image_text_logits, ("cosine", "raw")),
+            ("lr_schedule", lr_schedule, ("cosine", "multistep")),
+            ("lr_interval", lr_interval, ("step", "epoch")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"model.{key} must be one of {list(allowed)}, got {value!r}")
         self.save_hyperparameters(ignore=["backbone", "pooling", "text", "optimizer"])
         self.backbone = backbone
         self.pooling = pooling(backbone.embed_dim)
@@ -91,7 +120,6 @@ class ReIDModule(L.LightningModule):
         self.head_proj = BNNeck(backbone.proj_dim, num_classes)
         self.text = text(num_classes) if text is not None else None
         self.optimizer_factory = optimizer
-        self.id_loss = LabelSmoothingCrossEntropy(epsilon=label_smoothing)
         self.triplet_loss = BatchHardTripletLoss(margin=triplet_margin, metric="cosine")
         self.supcon = SupConLoss()
         self.register_buffer("text_bank", torch.empty(0), persistent=False)
@@ -155,8 +183,8 @@ class ReIDModule(L.LightningModule):
             )
         with torch.no_grad():
             self.text.context.copy_(context)
-        with torch.no_grad():
-            self.text_bank = F.normalize(self.text.all_features().float(), dim=1)
+        with torch.no_grad():  # unnormalised: _image_text() normalises for image_text_logits="cosine"
+            self.text_bank = self.text.all_features().float()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         labels = batch["label"]
@@ -182,27 +210,44 @@ class ReIDModule(L.LightningModule):
             "t2i_supcon": self.supcon(text * scale, image, labels, labels),
         }
 
+    def _image_text(self, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Image features (B, P), every identity's text feature (C, P) and the scale of their dot products."""
+        if self.hparams.image_text_logits == "raw":
+            return proj.float(), self.text_bank, 1.0
+        return F.normalize(proj.float(), dim=1), F.normalize(self.text_bank, dim=1), self.hparams.logit_scale
+
     def _stage2_losses(self, batch: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The baseline's stage-2 objective (VSLA-CLIP / CLIP-ReID), each term weighted by its hyperparameter.
+
+        ID: label-smoothed CE of both BNNeck heads. Triplet: batch-hard cosine on the pooled CLS and projection
+        before the BN neck, plus the intermediate CLS. i2t: label-smoothed CE of the pooled projection against all
+        identities' text features. SupCon: image->text and text->image against the batch's own text features.
+        """
         h = self.hparams
         out = self(batch["frames"], batch["camid"], batch.get("mask"))
         _, logits_cls = self.head_cls(out["cls"])
         _, logits_proj = self.head_proj(out["proj"])
+        smoothed = h.label_smoothing
         losses = {
-            "id": h.id_weight * (self.id_loss(logits_cls.float(), labels) + self.id_loss(logits_proj.float(), labels)),
+            "id": h.id_weight
+            * (
+                F.cross_entropy(logits_cls.float(), labels, label_smoothing=smoothed)
+                + F.cross_entropy(logits_proj.float(), labels, label_smoothing=smoothed)
+            ),
             "triplet": h.triplet_weight
             * (self.triplet_loss(out["cls"].float(), labels) + self.triplet_loss(out["proj"].float(), labels)),
         }
         if out["mid"] is not None and h.mid_triplet_weight > 0:
             losses["mid_triplet"] = h.mid_triplet_weight * self.triplet_loss(out["mid"].float(), labels)
         if self.text is not None and self.text_bank.numel() > 0:
-            image = F.normalize(out["proj"].float(), dim=1)
+            image, bank, scale = self._image_text(out["proj"])
             if h.i2t_weight > 0:
-                losses["i2t"] = h.i2t_weight * F.cross_entropy(h.logit_scale * image @ self.text_bank.T, labels)
+                logits = scale * image @ bank.T  # (B, P) x (P, C) -> (B, C)
+                losses["i2t"] = h.i2t_weight * F.cross_entropy(logits, labels, label_smoothing=smoothed)
             if h.supcon_weight > 0:
-                text = self.text_bank[labels]
+                text = bank[labels]  # (B, P): each clip's own identity text, as the baseline recomputes per batch
                 losses["supcon"] = h.supcon_weight * (
-                    self.supcon(image * h.logit_scale, text, labels, labels)
-                    + self.supcon(text * h.logit_scale, image, labels, labels)
+                    self.supcon(image * scale, text, labels, labels) + self.supcon(text * scale, image, labels, labels)
                 )
         return losses
 
@@ -230,14 +275,16 @@ class ReIDModule(L.LightningModule):
     # --------------------------------------------------------------------------------------- optimizer
     def trainable_groups(self) -> list[dict]:
         """Optimizer parameter groups: pretrained blocks at ``backbone_lr_mult``, everything new at 1×."""
-        if self.hparams.stage == 1:
-            return param_groups(self.text.named_parameters(prefix="text"), tag="text_")
+        h = self.hparams
+        bias = {key: h[key] for key in ("bias_lr_mult", "bias_weight_decay", "decay_vectors")}
+        if h.stage == 1:
+            return param_groups(self.text.named_parameters(prefix="text"), tag="text_", **bias)
         new = list(self.backbone.new_parameters())
         for prefix, part in (("pooling", self.pooling), ("head_cls", self.head_cls), ("head_proj", self.head_proj)):
             new.extend(part.named_parameters(prefix=prefix))
         return param_groups(
-            self.backbone.pretrained_trainable_parameters(), self.hparams.backbone_lr_mult, tag="backbone_"
-        ) + param_groups(new, 1.0, tag="new_")
+            self.backbone.pretrained_trainable_parameters(), h.backbone_lr_mult, tag="backbone_", **bias
+        ) + param_groups(new, 1.0, tag="new_", **bias)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The configured optimizer over :meth:`trainable_groups`, each group's LR scaled by its multiplier."""
@@ -245,26 +292,41 @@ class ReIDModule(L.LightningModule):
         apply_lr_mult(optimizer)
         return optimizer
 
+    def lr_factor(self, total: int | Callable[[], int]) -> Callable[[int], float]:
+        """The configured schedule's LR factor per ``lr_interval`` unit, for a run of ``total`` units (or a function
+        returning it, called lazily)."""
+        h = self.hparams
+        if h.lr_schedule == "multistep":
+            return warmup_multistep(h.warmup_steps, h.lr_milestones or [], h.lr_gamma, h.warmup_factor)
+        return warmup_cosine(h.warmup_steps, total, h.min_lr_ratio)
+
     def configure_optimizers(self):
         optimizer = self.build_optimizer()
-        # The total is looked up lazily (after a resumed checkpoint is restored): see ``warmup_cosine``.
-        factor = warmup_cosine(
-            self.hparams.warmup_steps, lambda: self.trainer.estimated_stepping_batches, self.hparams.min_lr_ratio
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        interval = self.hparams.lr_interval
+        if interval == "epoch":
+            if self.trainer.max_epochs is None or self.trainer.max_epochs < 1:
+                raise ValueError(
+                    f"model.lr_interval='epoch' needs trainer.max_epochs >= 1, got {self.trainer.max_epochs}"
+                )
+            total = self.trainer.max_epochs
+        else:  # looked up lazily (after a resumed checkpoint is restored): see ``warmup_cosine``
+            total = lambda: self.trainer.estimated_stepping_batches  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def on_train_start(self) -> None:
         """Say how long the run is: steps per epoch, total steps and the warm-up's share of them."""
         trainer = self.trainer
         per_epoch, total = trainer.num_training_batches, int(trainer.estimated_stepping_batches)
         warmup = self.hparams.warmup_steps
+        # With lr_interval "epoch" the warm-up (and the schedule) counts epochs, not optimizer steps.
+        unit, length = ("epochs", trainer.max_epochs) if self.hparams.lr_interval == "epoch" else ("steps", total)
         rank_zero_info(
-            f"[farreid] {per_epoch} steps per epoch, {total} optimizer steps in all; warm-up {warmup} steps "
-            f"({100 * warmup / max(total, 1):.0f}% of the run)"
+            f"[farreid] {per_epoch} steps per epoch, {total} optimizer steps in all; warm-up {warmup} {unit} "
+            f"({100 * warmup / max(length, 1):.0f}% of the run)"
         )
-        if warmup >= total:
-            rank_zero_warn(f"model.warmup_steps={warmup} is not shorter than the run ({total} steps): LR never peaks")
+        if warmup >= length:
+            rank_zero_warn(f"model.warmup_steps={warmup} is not shorter than the run ({length} {unit}): LR never peaks")
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _reloadable_prefixes(self) -> list[str]:

@@ -1,9 +1,10 @@
-"""Parameter groups and the warm-up + cosine learning-rate schedule (plain PyTorch)."""
+"""Parameter groups and the learning-rate schedules: warm-up + cosine, and the baseline's warm-up + multi-step."""
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
@@ -14,32 +15,53 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or "norm" in lowered or "embedding" in lowered or "prompt" in lowered or "context" in lowered
 
 
+def _is_bias(name: str) -> bool:
+    """Bias vectors, including attention ``in_proj_bias`` (the baseline's rule: "bias" in the parameter name)."""
+    return name.rpartition(".")[2].endswith("bias")
+
+
 def param_groups(
     named_params: Iterable[tuple[str, nn.Parameter]],
     lr_mult: float = 1.0,
     tag: str = "",
+    bias_lr_mult: float = 1.0,
+    bias_weight_decay: float | None = None,
+    decay_vectors: bool = False,
 ) -> list[dict]:
-    """Split trainable parameters into a decayed and a non-decayed group sharing one LR multiplier.
+    """Split trainable parameters into decayed, non-decayed and (optionally) bias groups.
 
     Args:
         named_params: (name, parameter) pairs; parameters with ``requires_grad=False`` are skipped.
         lr_mult: multiplier applied to the optimizer's base learning rate for these groups.
         tag: a name for the groups (shown by ``LearningRateMonitor``).
+        bias_lr_mult: extra LR multiplier of biases (the baseline's ``BIAS_LR_FACTOR``).
+        bias_weight_decay: weight decay of biases (the baseline's ``WEIGHT_DECAY_BIAS``); None = no decay.
+        decay_vectors: False = norm weights, embeddings, prompt tokens and other vectors are not decayed
+            (farreid); True = every parameter but the biases gets the optimizer's weight decay (the baseline).
 
     Returns:
-        Up to two optimizer parameter groups with the keys ``params``, ``lr_mult``, ``name`` and, for the
-        non-decayed group, ``weight_decay=0``.
+        Up to three optimizer parameter groups with the keys ``params``, ``lr_mult``, ``name`` and, for the
+        non-decayed and bias groups, ``weight_decay``. With the defaults biases join the non-decayed group.
     """
-    decay, no_decay = [], []
+    separate_biases = bias_lr_mult != 1.0 or bias_weight_decay is not None
+    decay, no_decay, bias = [], [], []
     for name, param in named_params:
         if not param.requires_grad:
             continue
-        (no_decay if _no_decay(name, param) else decay).append(param)
+        if separate_biases and _is_bias(name):
+            bias.append(param)
+        elif not decay_vectors and _no_decay(name, param):
+            no_decay.append(param)
+        else:
+            decay.append(param)
     groups = []
     if decay:
         groups.append({"params": decay, "lr_mult": lr_mult, "name": f"{tag}decay"})
     if no_decay:
         groups.append({"params": no_decay, "lr_mult": lr_mult, "weight_decay": 0.0, "name": f"{tag}no_decay"})
+    if bias:
+        wd = 0.0 if bias_weight_decay is None else bias_weight_decay
+        groups.append({"params": bias, "lr_mult": lr_mult * bias_lr_mult, "weight_decay": wd, "name": f"{tag}bias"})
     return groups
 
 
@@ -74,5 +96,29 @@ def warmup_cosine(warmup_steps: int, total_steps: int | Callable[[], int], min_l
             return (step + 1) / (warmup_steps + 1)
         progress = min((step - warmup_steps) / max(total() - warmup_steps, 1), 1.0)
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def warmup_multistep(warmup_steps: int, milestones: Sequence[int], gamma: float = 0.1, warmup_factor: float = 0.1):
+    """LR factor for ``LambdaLR``: the baseline's ``WarmupMultiStepLR`` (linear warm-up, step decay).
+
+    factor(t) = w(t) * gamma ** (number of milestones <= t), with w(t) = warmup_factor * (1 - t / warmup_steps)
+    + t / warmup_steps for t < warmup_steps and 1 after. t counts scheduler steps (epochs in the baseline).
+
+    Args:
+        warmup_steps: steps of linear warm-up (``WARMUP_ITERS``).
+        milestones: steps at which the LR is multiplied by ``gamma`` (``STEPS``).
+        gamma: decay factor (``GAMMA``).
+        warmup_factor: factor at t = 0 (``WARMUP_FACTOR``).
+    """
+    milestones = sorted(int(m) for m in milestones)
+
+    def factor(step: int) -> float:
+        warm = 1.0
+        if step < warmup_steps:
+            alpha = step / warmup_steps
+            warm = warmup_factor * (1.0 - alpha) + alpha
+        return warm * gamma ** bisect.bisect_right(milestones, step)
 
     return factor

@@ -219,3 +219,35 @@ def test_out_of_range_camera_id_is_an_error_naming_the_range():
     frames = torch.randn(2, 2, 3, 32, 16)
     with pytest.raises(ValueError, match=r"camids must lie in \[0, 3\)"):
         backbone(frames, torch.tensor([0, 3]))
+
+
+def test_loads_clip_model_dir_whose_vision_config_has_another_projection_dim(tmp_path):
+    """CLIPModel builds visual_projection from the top-level projection_dim; the vision sub-config's own value
+    (here HF's default 512) is ignored, so the backbone must ignore it too."""
+    from transformers import CLIPConfig
+
+    from tests.conftest import TINY_TEXT_CONFIG
+
+    torch.manual_seed(0)
+    vision = {key: value for key, value in TINY_VISION_CONFIG.items() if key != "projection_dim"}
+    config = CLIPConfig(text_config=TINY_TEXT_CONFIG, vision_config=vision | {"projection_dim": 512}, projection_dim=24)
+    CLIPModel(config).save_pretrained(tmp_path)
+    saved = CLIPConfig.from_pretrained(tmp_path)
+    assert saved.vision_config.projection_dim == 512 and saved.projection_dim == 24  # the mismatch is on disk
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "random projection" or "ignored weights" warning either
+        model = make(tmp_path, mid_block=0)
+    assert model.proj_dim == 24
+    reference = CLIPModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(model.visual_projection.weight, reference.visual_projection.weight, rtol=0, atol=0)
+    frames, camids = clip_input()
+    pixels = frames.flatten(0, 1)  # (B, T, 3, H, W) -> (B*T, 3, H, W)
+    with torch.no_grad():
+        hf = CLIPVisionModel.from_pretrained(tmp_path)
+        ref = hf(pixel_values=pixels, interpolate_pos_encoding=True, output_hidden_states=True)
+        out = model.forward_features(frames, camids)
+        ref_proj = reference.visual_projection(ref.pooler_output)  # what CLIPModel ranks images with
+        ref_mid = hf.post_layernorm(ref.hidden_states[1][:, 0])  # CLS after block 0
+    torch.testing.assert_close(out.mid_cls.flatten(0, 1), ref_mid, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.cls.flatten(0, 1), ref.pooler_output, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.proj.flatten(0, 1), ref_proj, rtol=0, atol=1e-5)

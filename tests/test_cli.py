@@ -17,7 +17,9 @@ COMBOS = [
     ["demo.yaml"],
     ["vitl14.yaml"],
     ["vitl14.yaml", "stage1.yaml"],
-    ["vitl14.yaml", "vitb16.yaml"],
+    ["baseline.yaml"],
+    ["baseline.yaml", "stage1.yaml"],
+    ["baseline.yaml", "tiny.yaml"],
     ["vitl14.yaml", "tiny.yaml"],
     *[["vitl14.yaml", f"ablations/{a}"] for a in ABLATIONS],
 ]
@@ -107,7 +109,9 @@ def test_anonymized_release_writes_the_challenge_csv(tmp_path, stage1_prompts, s
     cli = main([subcommand, *args, "--trainer.default_root_dir", str(tmp_path / "run"), "--evaluator.rerank", rerank])
     out = Path(cli.trainer.log_dir or tmp_path / "run")
     path = out / ("submission_rerank.csv" if rerank == "true" else "submission.csv")
-    assert path.read_text().splitlines()[0] == "row_id,case,query_tracklet,ranked_gallery_tracklets"
+    lines = path.read_text().splitlines()
+    assert lines[0] == "row_id,case,query_tracklet,ranked_gallery_tracklets"
+    assert lines[1].startswith("1,Case 1: Aerial to Ground,")  # the organisers' ids and case labels
     rankings = read_submission(path)  # validates: every row ranks each gallery tracklet exactly once
     expected = released_cases(str(root))
     assert expected.anonymized

@@ -143,7 +143,7 @@ def test_offline_wandb_run_records_per_case_metrics(data_root, tmp_path, monkeyp
     for case in ("A2G", "G2A", "A2A", "overall"):
         assert f"val/{case}/mAP".encode() in record, case
     assert b"trainable_blocks" in record  # the resolved config was logged
-    assert b"lr-AdamW" in record and b"train/loss" in record  # learning rates of the groups, the loss
+    assert b"lr-Adam" in record and b"train/loss" in record  # learning rates of the groups, the loss
 
 
 def test_wandb_mode_respects_credentials(tmp_path):

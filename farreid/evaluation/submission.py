@@ -1,8 +1,10 @@
 """The challenge submission CSV: one row per query tracklet with the whole gallery ranked, best first.
 
-Columns `row_id,case,query_tracklet,ranked_gallery_tracklets` (DOMAIN.md §2). `row_id` runs from 0 over the
-whole file; cases follow the order of the `rankings` mapping and queries their given order. The ranked list
-is the gallery's tracklet folder names joined by single spaces.
+The organisers' format (`generate_ranking_csv` in `evaluate_all_cases.py` of the VReID-XFD baseline): columns
+`row_id,case,query_tracklet,ranked_gallery_tracklets`; `row_id` runs from 1 over the whole file; the `case` column
+holds "Case 1: Aerial to Ground", "Case 2: Ground to Aerial" or "Case 3: Aerial to Aerial", cases in that order
+whatever the order of the `rankings` mapping, queries in their given order; the ranked list is the whole
+gallery's tracklet folder names, best first, joined by single spaces.
 """
 
 import csv
@@ -10,9 +12,15 @@ from pathlib import Path
 
 COLUMNS = ("row_id", "case", "query_tracklet", "ranked_gallery_tracklets")
 
-# farreid case key (farreid.data.detreidx.CASES) -> value written in the `case` column. The challenge's exact
-# spelling is not public (unconfirmed): if it expects e.g. "case1_aerial_to_ground", change it here only.
-CASE_LABELS: dict[str, str] = {"A2G": "A2G", "G2A": "G2A", "A2A": "A2A"}
+# farreid case key (farreid.data.detreidx.CASES) -> value of the `case` column, in file order (the organisers'
+# `all_cases` names in evaluate_all_cases.py; their scorer groups rows by this text).
+CASE_LABELS: dict[str, str] = {
+    "A2G": "Case 1: Aerial to Ground",
+    "G2A": "Case 2: Ground to Aerial",
+    "A2A": "Case 3: Aerial to Aerial",
+}
+FIRST_ROW_ID = 1
+_ORDER = {case: i for i, case in enumerate(CASE_LABELS)}
 
 Rankings = dict[str, tuple[list[str], list[list[str]]]]
 
@@ -45,7 +53,8 @@ def write_submission(path: str | Path, rankings: Rankings) -> Path:
     Args:
         path: output file; parent directories are created.
         rankings: case key ("A2G", "G2A", "A2A", see `CASE_LABELS`) -> (query tracklet names (Q,),
-            per query the whole gallery's tracklet names, best first (Q lists of G names)).
+            per query the whole gallery's tracklet names, best first (Q lists of G names)). Cases are written in
+            `CASE_LABELS` order.
 
     Returns:
         The path written.
@@ -54,11 +63,13 @@ def write_submission(path: str | Path, rankings: Rankings) -> Path:
         ValueError: on an unknown case or a ranked list that is not a permutation of the gallery.
     """
     path = Path(path)
-    row_id = 0
+    unknown = [case for case in rankings if case not in CASE_LABELS]
+    if unknown:
+        raise ValueError(f"unknown case {unknown[0]!r}: expected one of {list(CASE_LABELS)}")
+    row_id = FIRST_ROW_ID
     rows = []
-    for case, (queries, ranked) in rankings.items():
-        if case not in CASE_LABELS:
-            raise ValueError(f"unknown case {case!r}: expected one of {list(CASE_LABELS)}")
+    for case in (case for case in CASE_LABELS if case in rankings):
+        queries, ranked = rankings[case]
         _check_case(case, list(queries), [list(r) for r in ranked], list(range(row_id, row_id + len(queries))))
         for query, row in zip(queries, ranked, strict=True):
             rows.append((row_id, CASE_LABELS[case], query, " ".join(row)))
@@ -81,8 +92,9 @@ def read_submission(path: str | Path) -> Rankings:
         The `rankings` mapping that `write_submission` takes, cases in file order.
 
     Raises:
-        ValueError: naming the file and row on a wrong header, a row_id out of sequence, an unknown case,
-            or a ranked list that does not contain each gallery tracklet of its case exactly once.
+        ValueError: naming the file and row on a wrong header, a row_id out of sequence, an unknown case, cases
+            out of order or interleaved, or a ranked list that does not contain each gallery tracklet of its case
+            exactly once.
     """
     path = Path(path)
     labels = {label: case for case, label in CASE_LABELS.items()}
@@ -93,15 +105,23 @@ def read_submission(path: str | Path) -> Rankings:
         if header is None or tuple(header) != COLUMNS:
             raise ValueError(f"{path}: header must be {','.join(COLUMNS)}, got {header}")
         row_ids: dict[str, list[int]] = {}
-        for expected_id, record in enumerate(reader):
+        for expected_id, record in enumerate(reader, start=FIRST_ROW_ID):
             if len(record) != len(COLUMNS):
-                raise ValueError(f"{path}: row {expected_id + 1} has {len(record)} fields, expected {len(COLUMNS)}")
+                raise ValueError(f"{path}: row {expected_id} has {len(record)} fields, expected {len(COLUMNS)}")
             row_id, label, query, ranked = record
             if row_id != str(expected_id):
-                raise ValueError(f"{path}: row_id {row_id!r} where {expected_id} was expected (ids run from 0)")
+                raise ValueError(
+                    f"{path}: row_id {row_id!r} where {expected_id} was expected (ids run from {FIRST_ROW_ID})"
+                )
             if label not in labels:
                 raise ValueError(f"{path}: row_id {row_id} has case {label!r}, expected one of {list(labels)}")
             case = labels[label]
+            current = list(rankings)[-1] if rankings else None
+            if case != current and (case in rankings or (current and _ORDER[case] < _ORDER[current])):
+                raise ValueError(
+                    f"{path}: row_id {row_id} has case {label!r} after {CASE_LABELS[current]!r}; "
+                    f"cases must come in the order {list(CASE_LABELS.values())}, each in one block"
+                )
             row_ids.setdefault(case, []).append(expected_id)
             queries, lists = rankings.setdefault(case, ([], []))
             queries.append(query)

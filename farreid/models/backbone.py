@@ -12,6 +12,7 @@ Gates and adapter up projections start at zero, so a fresh model reproduces CLIP
 reads LN1(x) rather than the raw residual stream, whose scale grows with depth, like the attention it parallels.
 """
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from farreid.models import CLIP_ENV
 from farreid.models.adapters import CrossFrameAdapter, IntraFrameAdapter
@@ -59,9 +60,17 @@ def load_clip_vision(pretrained: str | None, config: dict | None) -> tuple[CLIPV
     if not (path / "config.json").is_file():
         problem = "it does not exist" if not path.is_dir() else "it has no config.json"
         raise FileNotFoundError(f"pretrained={str(path)!r}: expected {_EXPECTED_DIR}, but {problem}")
+    # A CLIPModel directory's vision_config.projection_dim may disagree with the top-level projection_dim that
+    # CLIPModel builds its visual_projection from (and that the saved weight has): use the top-level value.
+    overrides = {}
     try:
+        if json.loads((path / "config.json").read_text()).get("model_type") == "clip":
+            full = CLIPConfig.from_pretrained(path, local_files_only=True)
+            overrides["config"] = full.vision_config
+            overrides["config"].projection_dim = full.projection_dim
         tower, info = CLIPVisionModelWithProjection.from_pretrained(
             path,
+            **overrides,
             attn_implementation="sdpa",
             local_files_only=True,
             output_loading_info=True,
