@@ -7,6 +7,7 @@ non-finite tracklets), run through a real Trainer.
 """
 
 import json
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -15,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from farreid.cli import main
 from farreid.data.detreidx import Tracklet
 from farreid.data.protocols import EvalSet
+from farreid.data.synthetic import generate
 from farreid.evaluation.callback import ReIDEvaluator
 from farreid.evaluation.reporting import metadata_breakdowns
 from tests.reference_reranking import re_ranking_reference
@@ -246,3 +249,68 @@ def test_non_finite_embedding_names_the_tracklet(tmp_path):
     all_bad = [dict(r, features=torch.full((16,), float("nan"))) for r in rows]
     with pytest.raises(FloatingPointError, match="checkpoint"):
         _trainer_test(tmp_path, eval_set, all_bad)
+
+
+# ------------------------------------------------------------------ the documented commands (issue 10 item 2)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY_NO_TEXT = [
+    "--config",
+    str(CONFIGS / "vitl14.yaml"),
+    "--config",
+    str(CONFIGS / "tiny.yaml"),
+    "--model.text",
+    "null",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.batch_size_test",
+    "4",  # so that 2 evaluation batches see only part of the tracklets
+]
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> str:
+    return str(generate(tmp_path_factory.mktemp("eval"), num_train_ids=10, num_test_ids=4, seed=2, max_frames=5))
+
+
+def test_fast_dev_run_scores_the_batches_it_saw(small_root, tmp_path, capsys):
+    """The tiny.yaml header command: 2 evaluation batches of 4 are a partial evaluation, scored and said so."""
+    cli = main(
+        [
+            "fit",
+            *TINY_NO_TEXT,
+            "--data.root",
+            small_root,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.fast_dev_run",
+            "2",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "partial evaluation (limited batches): 8 of" in out
+    assert "val/unreadable" in cli.trainer.callback_metrics
+
+
+def test_sanity_check_is_not_scored_and_later_validation_is(small_root, tmp_path, capsys):
+    """Lightning's 2-batch sanity check is skipped (said once); the epoch's full validation is scored."""
+    main(
+        [
+            "fit",
+            *TINY_NO_TEXT,
+            "--data.root",
+            small_root,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "1",
+            "--trainer.num_sanity_val_steps",
+            "2",
+            "--trainer.check_val_every_n_epoch",
+            "1",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert out.count("sanity check: evaluation ran on a few batches only") == 1
+    assert "val (epoch 0)" in out and "partial evaluation" not in out

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from farreid.data.protocols import EvalSet
 from farreid.evaluation.metrics import case_mean, evaluate_challenge, evaluate_rank, pool_results, summarize
@@ -285,8 +285,8 @@ class ReIDEvaluator(Callback):
     def _sanity_check(self, trainer: L.Trainer) -> bool:
         if not trainer.sanity_checking:
             return False
-        if not self._said_sanity:
-            rank_zero_info("[farreid] sanity check: evaluation ran on a few batches only, metrics not scored")
+        if not self._said_sanity and trainer.is_global_zero:
+            print("[farreid] sanity check: evaluation ran on a few batches only, metrics not scored")
             self._said_sanity = True
         return True
 
