@@ -176,17 +176,17 @@ def ranked_distances(query: torch.Tensor, gallery: torch.Tensor) -> tuple[np.nda
         gallery: (G, D) L2-normalised features on the same device.
 
     Returns:
-        distmat (Q, G) float32 = 1 - cosine similarity; ranking (Q, G) int64 gallery indices, nearest first
+        distmat (Q, G) float32 = 1 - cosine similarity; ranking (Q, G) int32 gallery indices, nearest first
         (ties in gallery order).
     """
     query_t, gallery_t = _as_tensor(query, "query"), _as_tensor(gallery, "gallery")
     num_query, num_gallery = query_t.shape[0], gallery_t.shape[0]
     distmat = np.empty((num_query, num_gallery), dtype=np.float32)
-    ranking = np.empty((num_query, num_gallery), dtype=np.int64)
+    ranking = np.empty((num_query, num_gallery), dtype=np.int32)  # half the host memory of int64 at 25k x 25k
     rows = chunk_rows(query_t.device, num_gallery, floats_per_entry=4)
     for start in range(0, num_query, rows):
         block = 1.0 - query_t[start : start + rows] @ gallery_t.T  # (rows, G)
         order = torch.argsort(block, dim=1, stable=True)
         distmat[start : start + rows] = block.cpu().numpy()
-        ranking[start : start + rows] = order.cpu().numpy()
+        ranking[start : start + rows] = order.to(torch.int32).cpu().numpy()
     return distmat, ranking
