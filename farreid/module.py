@@ -21,7 +21,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from farreid.losses import BatchHardTripletLoss, SupConLoss
+from farreid.losses import BatchHardTripletLoss, SupConLoss, scaled_logits
 from farreid.models.backbone import CLIPVisionBackbone
 from farreid.models.heads import BNNeck
 from farreid.models.pooling import TemporalAttentionPooling
@@ -29,6 +29,18 @@ from farreid.models.text import TextPromptLearner
 from farreid.optim import apply_lr_mult, param_groups, warmup_cosine, warmup_multistep
 
 log = logging.getLogger(__name__)
+
+# Name segments that wrappers insert into parameter and state-dict names: FSDP, activation checkpointing,
+# torch.compile's OptimizedModule and DDP / DataParallel.
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "module"})
+
+
+def canonical_key(name: str) -> str:
+    """A parameter or state-dict name without wrapper segments: ``_fsdp_wrapped_module.backbone.x`` -> ``backbone.x``.
+
+    No farreid module is called ``module``, so dropping that segment cannot merge two real names.
+    """
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
 class ReIDModule(L.LightningModule):
@@ -149,19 +161,28 @@ class ReIDModule(L.LightningModule):
 
     def _embed_once(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         out = self(batch["frames"], batch["camid"], batch.get("mask"))
-        cls, proj = out["cls"], out["proj"]
-        if self.hparams.eval_feature == "bn":
-            cls, proj = self.head_cls(cls)[0], self.head_proj(proj)[0]
-        return torch.cat([cls, proj], dim=1).float(), out["weights"].float()
+        # The backbone runs under the trainer's precision; the heads, the sum and the normalisation of the
+        # retrieval embedding run in float32 (under bf16 autocast the BNNeck output would keep 3 digits).
+        with torch.autocast(out["cls"].device.type, enabled=False):
+            cls, proj = out["cls"], out["proj"]
+            if self.hparams.eval_feature == "bn":
+                dtype = self.head_cls.bn.weight.dtype  # float32 under mixed precision
+                cls, proj = self.head_cls(cls.to(dtype))[0], self.head_proj(proj.to(dtype))[0]
+            return torch.cat([cls, proj], dim=1).float(), out["weights"].float()
 
     @torch.no_grad()
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Retrieval embedding: concatenated pooled CLS and projection, L2-normalised ((B, D+P), weights (B, T))."""
+        """Retrieval embedding: concatenated pooled CLS and projection, L2-normalised, float32 under any precision.
+
+        Returns:
+            ((B, D+P) float32 embeddings, (B, T) float32 frame weights).
+        """
         feats, weights = self._embed_once(batch)
         if self.hparams.flip_tta:
             flipped = dict(batch, frames=batch["frames"].flip(-1))
             feats = feats + self._embed_once(flipped)[0]
-        return F.normalize(feats, dim=1), weights
+        with torch.autocast(feats.device.type, enabled=False):
+            return F.normalize(feats, dim=1), weights
 
     # ---------------------------------------------------------------------------------------- training
     def on_fit_start(self) -> None:
@@ -190,15 +211,31 @@ class ReIDModule(L.LightningModule):
         labels = batch["label"]
         losses = self._stage1_losses(batch, labels) if self.hparams.stage == 1 else self._stage2_losses(batch, labels)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise FloatingPointError(
-                f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, "
-                f"batch {batch_idx}): {parts}. Lower the learning rate or check the input frames."
-            )
+        self._check_finite(loss, losses, batch_idx)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, on_epoch=False)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def _check_finite(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Raise on every rank when the loss of any rank is non-finite.
+
+        The flag is all-gathered (one tiny collective and one host sync per step, before the backward pass), so
+        every rank raises at the same step: a rank raising alone would leave the others in the gradient
+        all-reduce until the NCCL timeout (30 min). The collective costs about as much as the host sync that any
+        finite check needs; the step's other host syncs were removed (camid and mask checks, triplet mining).
+        """
+        bad = (~torch.isfinite(loss.detach())).to(torch.int32).reshape(1)  # (1,)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.all_gather(bad).flatten()  # (world,)
+        if not bool(bad.any()):
+            return
+        ranks = bad.nonzero().flatten().tolist()
+        where = f"on rank(s) {ranks} " if self._trainer is not None and self.trainer.world_size > 1 else ""
+        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        raise FloatingPointError(
+            f"non-finite training loss {where}at global step {self.global_step} (epoch {self.current_epoch}, "
+            f"batch {batch_idx}); this rank's terms: {parts}. Lower the learning rate or check the input frames."
+        )
 
     def _stage1_losses(self, batch: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -242,7 +279,7 @@ class ReIDModule(L.LightningModule):
         if self.text is not None and self.text_bank.numel() > 0:
             image, bank, scale = self._image_text(out["proj"])
             if h.i2t_weight > 0:
-                logits = scale * image @ bank.T  # (B, P) x (P, C) -> (B, C)
+                logits = scaled_logits(image, bank, scale)  # (B, P) x (P, C) -> (B, C), float32 under autocast
                 losses["i2t"] = h.i2t_weight * F.cross_entropy(logits, labels, label_smoothing=smoothed)
             if h.supcon_weight > 0:
                 text = bank[labels]  # (B, P): each clip's own identity text, as the baseline recomputes per batch
@@ -260,8 +297,21 @@ class ReIDModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------------- evaluation
     def _eval_step(self, batch: dict) -> dict:
+        """Embeddings of one evaluation batch and the keys the evaluator merges rows by.
+
+        ``item`` (dataset row) defaults to ``index`` (tracklet) and ``valid`` to all True for batches that do not
+        carry them (one row per tracklet, every frame decoded).
+        """
         feats, weights = self.embed(batch)
-        return {"features": feats, "weights": weights, "index": batch["index"]}
+        index = batch["index"]
+        valid = batch.get("valid")
+        return {
+            "features": feats,
+            "weights": weights,
+            "index": index,
+            "item": batch.get("item", index),
+            "valid": torch.ones_like(index, dtype=torch.bool) if valid is None else valid.bool(),
+        }
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         return self._eval_step(batch)
@@ -338,24 +388,51 @@ class ReIDModule(L.LightningModule):
             prefixes.append("text.")
         return prefixes
 
+    def _trainable_keys(self) -> set[str]:
+        """Canonical state-dict names of the parameters that train (wrapper segments removed)."""
+        return {canonical_key(name) for name, p in self.named_parameters() if p.requires_grad}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Drop frozen pretrained weights: a frozen ViT-L/14 then costs only its trained parts on disk."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        """Drop frozen pretrained weights: a frozen ViT-L/14 (and text tower) then costs only its trained parts.
+
+        Names are compared in canonical form (see :func:`canonical_key`), so wrapper prefixes that a strategy or
+        ``torch.compile`` adds to parameter or state-dict names do not decide what is kept. When a trained
+        parameter cannot be found among the state-dict keys at all (e.g. FSDP's flattened parameters) nothing is
+        dropped: a full checkpoint is larger but loses nothing.
+        """
+        state = checkpoint["state_dict"]
+        trainable = self._trainable_keys()
+        canonical = {key: canonical_key(key) for key in state}
+        unmatched = trainable - set(canonical.values())
         keep_always = ("text.context",)  # the learned prompts are trained in stage 1, frozen in stage 2
-        prefixes = self._reloadable_prefixes()
+        prefixes = tuple(self._reloadable_prefixes()) if not unmatched else ()
+        if unmatched:
+            log.warning(
+                "slim checkpoint disabled: %d trained parameters have no state-dict key (%s); saving every weight",
+                len(unmatched),
+                sorted(unmatched)[:3],
+            )
         dropped = [
             key
-            for key in checkpoint["state_dict"]
-            if prefixes and key.startswith(tuple(prefixes)) and key not in trainable and not key.startswith(keep_always)
+            for key, name in canonical.items()
+            if prefixes and name.startswith(prefixes) and name not in trainable and not name.startswith(keep_always)
         ]
         for key in dropped:
-            del checkpoint["state_dict"][key]
+            del state[key]
         checkpoint["farreid"] = {
             "dropped_frozen_keys": len(dropped),
             "pretrained": getattr(self.backbone, "pretrained", None),
+            "trainable": sorted(trainable),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Check the checkpoint against this model, then refill the frozen weights a slim checkpoint left out.
+
+        Raises:
+            ValueError: unknown keys or shape mismatches (another configuration), or a weight that trains in this
+                model missing from the checkpoint (refilling it from the pretrained directory would silently
+                replace fine-tuned weights with CLIP's).
+        """
         state = checkpoint["state_dict"]
         own = self.state_dict()
         unknown = sorted(set(state) - set(own))
@@ -365,6 +442,14 @@ class ReIDModule(L.LightningModule):
             raise ValueError(
                 "checkpoint does not fit this model configuration (was it trained with another config?): "
                 f"{len(unknown)} unknown keys {unknown[:5]}, {len(mismatched)} shape mismatches {details[:5]}"
+            )
+        present = {canonical_key(k) for k in state}
+        missing_trained = sorted(self._trainable_keys() - present)
+        if missing_trained:
+            raise ValueError(
+                f"checkpoint lacks {len(missing_trained)} weights that train in this model, e.g. "
+                f"{missing_trained[:5]}: was it saved under a strategy that renames parameters, or with other "
+                "trainable_blocks? Refusing to refill trained weights from the pretrained directory."
             )
         meta = checkpoint.get("farreid", {})
         if meta.get("dropped_frozen_keys"):

@@ -156,11 +156,12 @@ def test_optimizer_steps_train_chosen_weights_only(tiny_clip_dir, trainable_bloc
     assert bool((tokens_moved > 0).all())  # every (block, camera, token) prompt trained
 
 
-def test_gradient_checkpointing_matches_plain_backward(tiny_clip_dir):
+@pytest.mark.parametrize("blocks", [1, -1])
+def test_gradient_checkpointing_matches_plain_backward(tiny_clip_dir, blocks):
     frames, camids = clip_input()
     grads = []
-    for flag in (False, True):
-        model = make(tiny_clip_dir, trainable_blocks=-1, gradient_checkpointing=flag).train()
+    for n in (0, blocks):
+        model = make(tiny_clip_dir, trainable_blocks=-1, checkpoint_blocks=n).train()
         with torch.no_grad():  # non-zero adapters and gates, so every path carries gradient
             for name, param in model.named_parameters():
                 if name.endswith(("up.weight", ".gate")):
@@ -251,3 +252,38 @@ def test_loads_clip_model_dir_whose_vision_config_has_another_projection_dim(tmp
     torch.testing.assert_close(out.mid_cls.flatten(0, 1), ref_mid, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.cls.flatten(0, 1), ref.pooler_output, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.proj.flatten(0, 1), ref_proj, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("blocks", "recomputed"), [(0, [1, 1]), (1, [2, 1]), (-1, [2, 2])])
+def test_checkpoint_blocks_recomputes_only_the_first_n(tiny_clip_dir, blocks, recomputed):
+    """A checkpointed block runs its forward twice (once more in the backward pass), the others once."""
+    model = make(tiny_clip_dir, trainable_blocks=-1, checkpoint_blocks=blocks).train()
+    calls = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+    frames, camids = clip_input()
+    loss_of(model, frames, camids).backward()
+    assert calls == recomputed
+
+
+def test_checkpoint_blocks_rejects_bad_values(tiny_clip_dir):
+    with pytest.raises(ValueError, match="checkpoint_blocks"):
+        make(tiny_clip_dir, checkpoint_blocks=-2)
+
+
+def test_compiled_blocks_match_eager(tiny_clip_dir):
+    """`compile=True` compiles each block in place: same outputs (1e-5) and the same state-dict names."""
+    eager = make(tiny_clip_dir, trainable_blocks=-1).eval()
+    with torch.no_grad():  # non-zero adapters and gates, so every path of the block is exercised
+        for name, param in eager.named_parameters():
+            if name.endswith(("up.weight", ".gate")):
+                param.normal_(std=0.1)
+    compiled = make(tiny_clip_dir, trainable_blocks=-1, compile=True).eval()
+    compiled.load_state_dict(eager.state_dict())
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    frames, camids = clip_input()
+    with torch.no_grad():
+        expected, got = eager.forward_features(frames, camids), compiled.forward_features(frames, camids)
+    for a, b in zip(expected, got, strict=True):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

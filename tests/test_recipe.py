@@ -91,7 +91,7 @@ PAPER_CHANGES = {
     "trainer.precision",
     "trainer.max_epochs",
     "model.backbone.init_args.trainable_blocks",
-    "model.backbone.init_args.gradient_checkpointing",
+    "model.backbone.init_args.checkpoint_blocks",
     "model.pooling.class_path",
     "model.backbone_lr_mult",
     "model.lr_schedule",

@@ -72,3 +72,51 @@ def test_cosine_distance():
     query, gallery = features(6, seed=7), features(9, seed=8)
     cosine = (query @ gallery.T) / np.outer(np.linalg.norm(query, axis=1), np.linalg.norm(gallery, axis=1))
     np.testing.assert_allclose(cosine_distance(query, torch.from_numpy(gallery)).numpy(), 1 - cosine, atol=1e-6)
+
+
+class _FakeGpuFaiss:
+    """Stands in for a FAISS build that sees 2 GPUs: records resources and device choices, searches on the CPU."""
+
+    def __init__(self, real) -> None:
+        self.real, self.resources, self.devices = real, 0, []
+        self.IndexFlatIP, self.IndexFlatL2 = real.IndexFlatIP, real.IndexFlatL2
+
+    def get_num_gpus(self) -> int:
+        return 2
+
+    def StandardGpuResources(self):  # noqa: N802 (FAISS's name)
+        self.resources += 1
+        return object()
+
+    def index_cpu_to_gpu(self, _resources, device: int, index):
+        self.devices.append(device)
+        return index
+
+
+def test_faiss_is_used_only_below_the_whole_gallery_and_reuses_one_gpu_resource(monkeypatch):
+    """k < G: FAISS on this process's GPU with one StandardGpuResources reused; k = G: the exact torch path."""
+    faiss = pytest.importorskip("faiss")
+    fake = _FakeGpuFaiss(faiss)
+    monkeypatch.setattr(search, "_load_faiss", lambda: fake)
+    monkeypatch.setattr(search.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(search.torch.cuda, "current_device", lambda: 1)  # the rank's own GPU, not GPU 0
+    search._gpu_resources.cache_clear()
+    query, gallery = features(6, seed=7), features(20, seed=8)
+    for _ in range(3):
+        _, index = topk(query, gallery, 4)
+        np.testing.assert_array_equal(index.numpy(), brute_force(query, gallery, 4, "ip")[1])
+    assert fake.resources == 1 and fake.devices == [1, 1, 1]
+    _, index = topk(query, gallery, 20)  # a full ranking: no FAISS
+    np.testing.assert_array_equal(index.numpy(), brute_force(query, gallery, 20, "ip")[1])
+    assert fake.devices == [1, 1, 1]
+    search._gpu_resources.cache_clear()
+
+
+def test_ranked_distances_in_chunks_match_brute_force(monkeypatch):
+    monkeypatch.setattr(search, "_CPU_CHUNK_BYTES", 4 * 4 * 30 * 3)  # 3 rows per chunk at G = 30
+    assert search.chunk_rows(torch.device("cpu"), 30, floats_per_entry=4) == 3
+    query, gallery = features(10, seed=9), features(30, seed=10)
+    distmat, ranking = search.ranked_distances(torch.from_numpy(query), torch.from_numpy(gallery))
+    expected = 1.0 - query.astype(np.float64) @ gallery.astype(np.float64).T
+    np.testing.assert_allclose(distmat, expected, atol=1e-6)
+    np.testing.assert_array_equal(ranking, np.argsort(expected, axis=1, kind="stable"))

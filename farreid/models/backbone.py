@@ -171,7 +171,12 @@ class CLIPVisionBackbone(nn.Module):
         prompt_blocks: the first K blocks get camera prompts (clipped to the depth); 0 disables prompts.
         prompt_tokens: prompt tokens per camera and block.
         mid_block: block whose output CLS is returned as `mid_cls` (negative counts from the end); None = off.
-        gradient_checkpointing: recompute each block in the backward pass while training.
+        checkpoint_blocks: the first N blocks recompute their activations in the backward pass while training
+            (activation checkpointing: about +1/3 of the compute of each such block, its activations not kept);
+            0 = none, -1 = all. The first blocks are chosen because the last ones usually train in full, so
+            their weights' gradients need their inputs anyway. See docs/GPU.md for picking N from memory.
+        compile: compile each block with `torch.compile` (one graph per block: the loop, the prompts and the
+            output reshapes stay eager). Off by default; needs a C compiler on the CPU and Triton on a GPU.
     """
 
     def __init__(
@@ -189,7 +194,8 @@ class CLIPVisionBackbone(nn.Module):
         prompt_blocks: int = 9,
         prompt_tokens: int = 4,
         mid_block: int | None = -4,
-        gradient_checkpointing: bool = False,
+        checkpoint_blocks: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if pretrained is None and config is None:  # machine paths come from the environment, not the YAML
@@ -201,7 +207,6 @@ class CLIPVisionBackbone(nn.Module):
         self.pretrained = None if pretrained is None else str(pretrained)  # read by the checkpoint hooks
         self.embed_dim: int = dim
         self.proj_dim: int = tower.config.projection_dim
-        self.gradient_checkpointing = gradient_checkpointing
         if trainable_blocks < -1:
             raise ValueError(f"trainable_blocks must be -1 (all), 0 (frozen) or a block count, got {trainable_blocks}")
         if adapter_dim < 0 or prompt_blocks < 0:
@@ -234,6 +239,12 @@ class CLIPVisionBackbone(nn.Module):
         self._projection_is_new = projection_is_new
         self._set_trainable(trainable_blocks, projection_is_new)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
+        if checkpoint_blocks < -1:
+            raise ValueError(f"checkpoint_blocks must be -1 (all), 0 (none) or a block count, got {checkpoint_blocks}")
+        self.checkpoint_blocks = depth if checkpoint_blocks == -1 else min(checkpoint_blocks, depth)
+        if compile:
+            for block in self.blocks:  # in place: parameter and state-dict names stay unchanged
+                block.compile()
 
     def _set_trainable(self, trainable_blocks: int, projection_is_new: bool) -> None:
         """Freeze every pretrained weight, then unfreeze the chosen ones; new modules always train."""
@@ -302,7 +313,7 @@ class CLIPVisionBackbone(nn.Module):
         mid = None
         for i, block in enumerate(self.blocks):
             prompts = self.camera_prompts(i, frame_camids) if i < self.num_prompt_blocks else None  # (B*T, P, D)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if i < self.checkpoint_blocks and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, num_frames, prompts, use_reentrant=False)
             else:
                 x = block(x, num_frames, prompts)

@@ -7,6 +7,8 @@ repeated copy added to reach T frames) and return the pooled feature (B, D) with
 import torch
 from torch import nn
 
+from farreid.models.checks import value_checks
+
 
 def _check_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Validate the inputs and return a (B, T) bool mask (all True when `mask` is None)."""
@@ -16,14 +18,21 @@ def _check_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     if mask.shape != x.shape[:2]:
         raise ValueError(f"pooling mask must have shape {tuple(x.shape[:2])} (B, T), got {tuple(mask.shape)}")
-    if not bool(mask.any(dim=1).all()):
+    if value_checks(mask) and not bool(mask.any(dim=1).all()):  # a host sync: see farreid.models.checks
         raise ValueError("pooling mask has a clip with no real frame (a row of the (B, T) mask is all False)")
     return mask.bool()
 
 
 def _weighted_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Sum features (B, T, D) with weights (B, T) over T -> (B, D)."""
-    return torch.einsum("bt,btd->bd", weights.to(x.dtype), x)
+    """Sum features (B, T, D) with weights (B, T) over T -> (B, D); float32 under autocast.
+
+    The pooled feature is the retrieval embedding (and the triplet loss's input): a bf16 sum over T frames would
+    round it to 3 significant digits for the price of a (B, T, D) product, negligible beside the backbone.
+    """
+    autocast = torch.is_autocast_enabled(x.device.type)
+    with torch.autocast(x.device.type, enabled=False):
+        pooled = torch.einsum("bt,btd->bd", weights.float(), x.float())
+    return pooled if autocast else pooled.to(x.dtype)  # without autocast, keep the model's own dtype
 
 
 class MeanPooling(nn.Module):

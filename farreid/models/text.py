@@ -156,6 +156,8 @@ class TextPromptLearner(nn.Module):
         if num_classes < 1 or n_ctx < 1:
             raise ValueError(f"num_classes={num_classes} and n_ctx={n_ctx}: expected both >= 1")
         tokenizer = None
+        # Read by the module's checkpoint hooks: a frozen tower from a directory is dropped from checkpoints.
+        self.pretrained = None if pretrained is None else str(pretrained)
         if pretrained is not None:
             self.tower = load_text_tower(pretrained)
             if any((Path(pretrained) / name).is_file() for name in TOKENIZER_FILES):
