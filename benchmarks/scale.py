@@ -259,14 +259,20 @@ def previous_clip(
     return x
 
 
-def rate(step, chosen: list[int], seconds: float) -> float:
-    """Calls of ``step(i, rng)`` per second over the tracklets ``chosen``, for about ``seconds``."""
+def rates(steps, chosen: list[int], seconds: float, rounds: int = 10) -> list[float]:
+    """Calls per second of each ``step(i, rng)`` over the tracklets ``chosen``: ``rounds`` interleaved rounds of
+    ``seconds / rounds`` each per step, the median round per step (other processes on the machine come and go;
+    interleaving exposes every step to them alike)."""
     rng = random.Random(0)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step(chosen[count % len(chosen)], rng)
-        count += 1
-    return count / (time.perf_counter() - start)
+    per_step: list[list[float]] = [[] for _ in steps]
+    for _ in range(rounds):
+        for k, step in enumerate(steps):
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / rounds:
+                step(chosen[count % len(chosen)], rng)
+                count += 1
+            per_step[k].append(count / (time.perf_counter() - start))
+    return [float(np.median(r)) for r in per_step]
 
 
 def _previous(i: int, rng: random.Random) -> None:
@@ -294,10 +300,13 @@ def throughput(root: Path, cache_dir: Path, seconds: float) -> None:
     transform = TrackletTransform(image_size=(256, 128), training=True, color_jitter=0.2)
     dataset = TrackletDataset(tracklets, 8, True, transform, labels=relabel(tracklets))
     _STATE["dataset"] = dataset
-    print(f"clip throughput per core (T = 8 at 256x128, training; 1 thread, no workers, about {seconds:.0f} s each):")
+    print(
+        f"clip throughput per core (T = 8 at 256x128, training; 1 thread, no workers; {seconds:.0f} s per path "
+        "in 10 interleaved rounds, median round):"
+    )
     for view, pick in (("aerial ~30x70", 1), ("ground ~120x300", 0)):
         chosen = [i for i, t in enumerate(tracklets) if (t.camid == 0) == (pick == 0)]
-        r_old, r_new, r_aug = (rate(step, chosen, seconds) for step in (_previous, _uint8, _uint8_augmented))
+        r_old, r_new, r_aug = rates((_previous, _uint8, _uint8_augmented), chosen, seconds)
         print(
             f"  {view:16s} previous {r_old:6.1f} clips/s | uint8 loader {r_new:6.1f} clips/s ({r_new / r_old:.2f}x) | "
             f"+ augmentation on this CPU {r_aug:6.1f} clips/s ({r_aug / r_old:.2f}x)"

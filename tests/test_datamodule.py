@@ -145,3 +145,27 @@ def test_index_cache_can_be_turned_off(root, tmp_path):
     assert dm.cache_dir is None
     _trainer(tmp_path, max_steps=1).fit(Recorder(), datamodule=dm)
     assert not (tmp_path / "cache").exists()
+
+
+def test_compute_threads_policy(root, tmp_path, monkeypatch):
+    from farreid.data.datamodule import compute_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert compute_threads(None, 2) is None and compute_threads(3, 2) == 3
+    assert compute_threads(0, 1) == 3 and compute_threads(0, 8) == 1
+    with pytest.raises(ValueError, match="compute_threads"):
+        _datamodule(root, tmp_path, compute_threads=-1)
+    before = torch.get_num_threads()
+    seen = []
+
+    class Threads(Recorder):
+        def training_step(self, batch, batch_idx):
+            seen.append(torch.get_num_threads())
+            return super().training_step(batch, batch_idx)
+
+    try:
+        torch.set_num_threads(2)
+        _trainer(tmp_path, max_steps=1).fit(Threads(), datamodule=_datamodule(root, tmp_path, compute_threads=1))
+        assert seen == [1]
+    finally:
+        torch.set_num_threads(before)

@@ -21,6 +21,15 @@ from farreid.data.transforms import TrackletTransform, normalize_clip
 ROOT_ENV = "FARREID_DATA"
 
 
+def compute_threads(requested: int | None, num_workers: int) -> int | None:
+    """Intra-op threads for ``data.compute_threads``: None (torch's default), 0 (usable cores minus the loader
+    workers, at least 1) or the count itself."""
+    if requested is None or requested > 0:
+        return requested
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable - num_workers)
+
+
 class DetReIDXDataModule(L.LightningDataModule):
     """Training tracklets in P×K identity batches, a validation split carved from training identities, and the
     released case folders for ``test``/``predict``.
@@ -50,6 +59,10 @@ class DetReIDXDataModule(L.LightningDataModule):
             :mod:`farreid.data.index_cache`); False lists the folders on every run and rank.
         index_cache_dir: where the cache files go; None: ``$XDG_CACHE_HOME/farreid/index`` or
             ``~/.cache/farreid/index`` (the dataset root may be read-only).
+        compute_threads: torch intra-op threads of this process, set in ``setup``: None keeps torch's default
+            (all cores), 0 takes the cores this process may use minus ``num_workers`` (at least 1), N sets N.
+            On a small CPU machine the loader workers and the compute threads share the cores; see
+            ``benchmarks/scale.py`` and the README for the measurement behind the demo's choice.
         max_unreadable: share of an evaluation set's (or the training set's) tracklets that may have no
             decodable frame before the run stops with an error listing them (farreid choice: 1%, issue 10).
     """
@@ -76,6 +89,7 @@ class DetReIDXDataModule(L.LightningDataModule):
         index_cache: bool = True,
         index_cache_dir: str | None = None,
         max_unreadable: float = 0.01,
+        compute_threads: int | None = None,
     ) -> None:
         super().__init__()
         root = root or os.environ.get(ROOT_ENV)
@@ -85,6 +99,8 @@ class DetReIDXDataModule(L.LightningDataModule):
             raise ValueError(f"data.test_split must be 'cases' or 'val', got {test_split!r}")
         if test_frames not in ("even", "all"):
             raise ValueError(f"data.test_frames must be 'even' (T evenly spaced frames) or 'all', got {test_frames!r}")
+        if compute_threads is not None and compute_threads < 0:
+            raise ValueError(f"data.compute_threads must be None, 0 (auto) or a positive count, got {compute_threads}")
         if not 0.0 <= max_unreadable <= 1.0:
             raise ValueError(f"data.max_unreadable must be a share in [0, 1], got {max_unreadable}")
         self.save_hyperparameters()
@@ -130,6 +146,10 @@ class DetReIDXDataModule(L.LightningDataModule):
         return len(self._identity_split[0])
 
     def setup(self, stage: str) -> None:
+        threads = compute_threads(self.hparams.compute_threads, self.hparams.num_workers)
+        if threads is not None and threads != torch.get_num_threads():
+            rank_zero_info(f"[farreid] {threads} compute threads (data.compute_threads={self.hparams.compute_threads})")
+            torch.set_num_threads(threads)
         if stage == "fit" and self.train_set is None:
             train_pids, _ = self._identity_split
             label_of = {pid: i for i, pid in enumerate(train_pids)}

@@ -248,34 +248,37 @@ class SplitIndex:
             )
 
 
-_IMAGE_SUFFIXES_BOTH_CASES = IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES)
-
-
 def _frame_names(path: str) -> tuple[list[str], int]:
     """Sorted image names of a tracklet folder and the number of other entries."""
     names = os.listdir(path)
-    frames = [n for n in names if n.endswith(_IMAGE_SUFFIXES_BOTH_CASES) and n[0] != "."]
-    if len(frames) != len(names):  # rare: mixed-case suffixes or stray files; decide each name exactly
-        frames = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")]
-    frames.sort()
-    return frames, len(names) - len(frames)
+    total = len(names)
+    # Fast path, in C: every name is a visible .jpg (each ".jpg" followed by the separator, no "\0." start).
+    joined = "\0" + "\0".join(names) + "\0"
+    if not (joined.count(".jpg\0") == len(names) and "\0." not in joined):
+        names = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")]
+    frames = sorted(names)
+    return frames, total - len(frames)
 
 
-def _check_camera(path: str, frames: list[str]) -> FrameMeta:
+def _check_camera(path: str, frames: list[str], joined: str) -> FrameMeta:
     """The first frame's metadata, after checking that every frame names the same camera.
 
     A name equal to the first frame's up to its last "_" field (the frame number) has the same view and camera,
     so only the names that differ there are parsed; when the first name's last field is one that is read (the
-    angle of a 9-field aerial name), every name is parsed.
+    angle of a 9-field aerial name), every name is parsed. ``joined`` is ``"\0".join(frames)``: when every name
+    starts with that prefix and has no other "_", two counts in C decide it for the whole folder.
     """
     first = parse_frame_name(frames[0])
     stem = os.path.splitext(frames[0])[0]
     cut = stem.rfind("_") + 1
     prefix = stem[:cut]
-    parse_all = cut == 0 or (first.view == "aerial" and stem.count("_") == _ANGLE_FIELD)
-    for name in frames[1:]:
-        if not parse_all and name.startswith(prefix) and name.rfind("_") == cut - 1:
-            continue
+    if cut == 0 or (first.view == "aerial" and stem.count("_") == _ANGLE_FIELD):
+        suspects = frames[1:]
+    elif joined.count("\0" + prefix) == len(frames) - 1 and joined.count("_") == len(frames) * prefix.count("_"):
+        return first
+    else:
+        suspects = [n for n in frames[1:] if not (n.startswith(prefix) and n.rfind("_") == cut - 1)]
+    for name in suspects:
         meta = parse_frame_name(name)
         if meta.view != first.view or meta.camid != first.camid:
             raise ValueError(
@@ -354,12 +357,12 @@ def list_split(root: str | os.PathLike, split: str) -> SplitIndex:
             if not frames:
                 empty.append(path)
                 continue
-            first = _check_camera(path, frames)
+            joined = "\0".join(frames)
+            first = _check_camera(path, frames, joined)
             folders.append(f"{pid_name}/{name}")
             meta.append((pid, first.camid, first.view == "aerial", first.altitude, first.distance, first.angle))
             counts.append(len(frames))
-            frames.append("")  # a trailing NUL after the last name
-            buffer += os.fsencode("\0".join(frames))
+            buffer += os.fsencode(joined + "\0")  # a NUL after every name
     if not folders:
         raise ValueError(f"split {split!r} under {root} holds no tracklet; expected layout: {EXPECTED_LAYOUT}")
     names = np.frombuffer(buffer, dtype=np.uint8)  # shares the bytearray: no copy

@@ -1,14 +1,14 @@
 """A cache file per split for :func:`~farreid.data.detreidx.list_split`, validated by folder modification times.
 
 Listing DetReIDX (11.75 million frames) takes seconds to minutes; every fit, test and DDP rank would repeat it. The
-cache holds the flat arrays of a :class:`~farreid.data.detreidx.SplitIndex` in one ``.npz`` file named after the
+cache holds the flat arrays of a :class:`~farreid.data.detreidx.SplitIndex` in one ``.npy`` file named after the
 split's absolute path. It is valid while the modification times of the split folder, of every PID folder and of
 every tracklet folder are those recorded: adding, removing or renaming a frame or a folder changes the time of
 its parent folder (a file rewritten in place under the same name does not, and does not change the listing).
 
 The dataset root may be read-only, so the cache lives elsewhere: ``data.index_cache_dir``, by default
-``$XDG_CACHE_HOME/farreid/index`` (``~/.cache/farreid/index``). Files are written to a temporary name and renamed
-into place, so concurrent writers (DDP ranks, two runs) never leave a partial file.
+``$XDG_CACHE_HOME/farreid/index`` (``~/.cache/farreid/index``). Files (a sequence of ``.npy`` records) are written
+to a temporary name and renamed into place, so concurrent writers (DDP ranks, two runs) never leave a partial file.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ def default_cache_dir() -> Path:
 
 
 def cache_path(root: str | os.PathLike, split: str, cache_dir: str | os.PathLike) -> Path:
-    """The cache file of a split: ``<cache_dir>/<split slug>-<hash of its absolute path>.npz``."""
+    """The cache file of a split: ``<cache_dir>/<split slug>-<hash of its absolute path>.npy``."""
     split_path = os.path.abspath(os.path.join(root, split))
     digest = hashlib.sha1(split_path.encode()).hexdigest()[:16]
     slug = split.strip("/").replace("/", "-") or "split"
-    return Path(cache_dir) / f"{slug}-{digest}.npz"
+    return Path(cache_dir) / f"{slug}-{digest}.npy"
 
 
 def folder_stamp(split_path: str) -> str:
@@ -68,13 +68,13 @@ def _split(array: np.ndarray) -> list[str]:
 def save_index(index: SplitIndex, stamp: str, path: Path) -> None:
     """Write ``index`` and its folder ``stamp`` to ``path`` atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {name: getattr(index, name) for name in _ARRAYS}
-    arrays.update(names=index.names.buffer, ends=index.names.ends, folders=_join(index.folders))
-    arrays.update(empty=_join(index.empty), stray=_join(index.stray))
+    arrays = [getattr(index, name) for name in _ARRAYS] + [index.names.buffer, index.names.ends]
+    arrays += [_join(strings) for strings in (index.folders, index.empty, index.stray)]
     header = np.array([str(_VERSION), stamp, index.split_path])
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False) as f:
         tmp = f.name
-        np.savez(f, header=header, **arrays)
+        for array in [header, *arrays]:  # plain .npy records one after another: no zip, no checksum pass
+            np.save(f, array, allow_pickle=False)
     os.replace(tmp, path)
 
 
@@ -83,16 +83,20 @@ def load_index(path: Path, stamp: str, split_path: str) -> tuple[SplitIndex | No
     if not path.is_file():
         return None, "no cache file yet"
     try:
-        with np.load(path, allow_pickle=False) as data:
-            version, saved_stamp, saved_path = (str(x) for x in data["header"])
+        with open(path, "rb") as f:
+            version, saved_stamp, saved_path = (str(x) for x in np.load(f, allow_pickle=False))
             if version != str(_VERSION) or saved_path != split_path:
                 return None, f"cache format {version} for {saved_path}"
             if saved_stamp != stamp:
                 return None, "folder modification times changed"
-            arrays = {name: data[name] for name in _ARRAYS}
-            names = NameTable(data["names"], data["ends"])
-            lists = {name: _split(data[name]) for name in ("folders", "empty", "stray")}
-    except (OSError, ValueError, KeyError, EOFError) as err:  # a damaged file is rebuilt, never trusted
+            arrays = {name: np.load(f, allow_pickle=False) for name in _ARRAYS}
+            names = NameTable(np.load(f, allow_pickle=False), np.load(f, allow_pickle=False))
+            lists = {name: _split(np.load(f, allow_pickle=False)) for name in ("folders", "empty", "stray")}
+        if len({len(a) for a in arrays.values()} | {len(lists["folders"])}) != 1 or len(names.ends) != int(
+            arrays["count"].sum()
+        ):
+            return None, "inconsistent cache contents"
+    except (OSError, ValueError, EOFError) as err:  # a damaged file is rebuilt, never trusted
         return None, f"unreadable cache ({type(err).__name__}: {err})"
     return SplitIndex(split_path=split_path, names=names, **arrays, **lists), "cached"
 
