@@ -159,15 +159,16 @@ class TrackletTransform:
             pixels = frames.reshape(b, t * c, h * w)  # (B, T, 3, H, W) -> (B, T*3, H*W)
             moved = pixels.gather(2, source.view(b, 1, h * w).expand(b, t * c, h * w))
             frames = moved.view(b, t, c, h, w).mul_(inside[:, None, None])  # (B, H, W) -> (B, 1, 1, H, W)
-        x = frames.float().div_(255.0)
         if self.color_jitter > 0:
-            # x * f, clamped; then (x - m) * f + m = x * f + m * (1 - f) with m the frame's mean grey (contrast)
-            # or the pixel's grey (saturation), clamped after each step.
+            # Brightness x * f (folded into the uint8 -> [0, 1] scaling), then contrast and saturation as
+            # (x - m) * f + m = lerp(x, m, 1 - f) with m the frame's mean grey or the pixel's grey, each clamped.
             f = p[:, BRIGHTNESS : SATURATION + 1, None, None, None, None]  # (B, 3, 1, 1, 1, 1)
-            x.mul_(f[:, 0]).clamp_(0.0, 1.0)
+            x = frames.float().mul_(f[:, 0] / 255.0).clamp_(0.0, 1.0)
             mean_grey = _grey(x).mean(dim=(-2, -1), keepdim=True)  # (B, T, 1, 1, 1)
-            x.mul_(f[:, 1]).add_(mean_grey * (1 - f[:, 1])).clamp_(0.0, 1.0)
-            x.mul_(f[:, 2]).add_(_grey(x).mul_(1 - f[:, 2])).clamp_(0.0, 1.0)
+            x.lerp_(mean_grey.expand_as(x), 1 - f[:, 1]).clamp_(0.0, 1.0)
+            x.lerp_(_grey(x).expand_as(x), 1 - f[:, 2]).clamp_(0.0, 1.0)
+        else:
+            x = frames.float().div_(255.0)
         x = _normalize01(x)
         if self.erase_p > 0:
             top, left, eh, ew = (p[:, i, None] for i in (TOP, LEFT, HEIGHT, WIDTH))  # (B, 1) each
