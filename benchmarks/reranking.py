@@ -4,6 +4,7 @@ Run from the repository root:
 
     python benchmarks/reranking.py            # N = 2,000 and 6,000: farreid vs the transcription vs the floor
     python benchmarks/reranking.py --large    # then farreid alone at N = 20,000 and 50,000
+    python benchmarks/reranking.py --sweep    # farreid / floor over cluster sizes 2-50 and noise 0.5-2 at N = 6,000
 
 Features are random clustered 768-d vectors (N / 10 centres plus Gaussian noise, L2-normalised), Q = N / 4.
 Times are the best of `--repeats` runs for torch (the transcription runs once: it is slow) and cover the whole
@@ -37,11 +38,13 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _MB = 2**20
 
 
-def clustered_features(num: int, dim: int, seed: int) -> np.ndarray:
-    """(num, dim) float32 L2-normalised points around num / 10 random centres (about 10 per identity)."""
+def clustered_features(num: int, dim: int, seed: int, cluster_size: int = 10, noise: float = 1.0) -> np.ndarray:
+    """(num, dim) float32 L2-normalised points around num / cluster_size random centres (about cluster_size per
+    identity), each centre plus Gaussian noise of standard deviation ``noise`` (the centres have 1)."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(2, num // 10), dim), dtype=np.float32)
-    points = centres[rng.integers(0, len(centres), num)] + rng.standard_normal((num, dim), dtype=np.float32)
+    centres = rng.standard_normal((max(2, num // cluster_size), dim), dtype=np.float32)
+    points = centres[rng.integers(0, len(centres), num)]
+    points = points + noise * rng.standard_normal((num, dim), dtype=np.float32)
     return points / np.linalg.norm(points, axis=1, keepdims=True)
 
 
@@ -123,6 +126,31 @@ def compare(num: int, dim: int, repeats: int, seed: int) -> None:
     print(f"  max |farreid - transcription| = {difference:.2e}", flush=True)
 
 
+def sweep(num: int, dim: int, repeats: int, seed: int, check_num: int, sizes, noises) -> None:
+    """farreid / floor over cluster sizes and noise levels at N = num, and the match with the transcription at
+    N = check_num on the same distributions; prints one line per distribution and the worst ratio."""
+    print(f"sweep at N = {num:,} (Q = N / 4, D = {dim}); exactness against the transcription at N = {check_num:,}")
+    print("  cluster  noise   floor s  farreid s  ratio   max |farreid - transcription|")
+    worst = 0.0
+    for cluster_size in sizes:
+        for noise in noises:
+            features = clustered_features(num, dim, seed, cluster_size, noise)
+            tensor = torch.from_numpy(features)
+            query, gallery = tensor[: num // 4], tensor[num // 4 :]
+            _, floor = best_time(lambda t=tensor: t @ t.T, repeats)
+            _, ours = best_time(lambda q=query, g=gallery: re_ranking(q, g, progress=False), repeats)
+            small = clustered_features(check_num, dim, seed, cluster_size, noise)
+            q_small, g_small = small[: check_num // 4], small[check_num // 4 :]
+            got = re_ranking(torch.from_numpy(q_small), torch.from_numpy(g_small), progress=False).numpy()
+            difference = float(np.abs(got - re_ranking_reference(q_small, g_small)).max())
+            worst = max(worst, ours / floor)
+            print(
+                f"  {cluster_size:7d}  {noise:5.2f}  {floor:8.3f}  {ours:9.3f}  {ours / floor:5.2f}x  {difference:.1e}",
+                flush=True,
+            )
+    print(f"  worst farreid / floor over the sweep: {worst:.2f}x")
+
+
 def alone(num: int, dim: int, seed: int) -> None:
     """farreid alone at a size the transcription cannot hold; prints time and memory."""
     features = torch.from_numpy(clustered_features(num, dim, seed))
@@ -146,6 +174,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of torch code; the best is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--sweep", action="store_true", help="sweep cluster sizes and noise levels instead")
+    parser.add_argument("--sweep-size", type=int, default=6000, help="N of the sweep's timings")
+    parser.add_argument("--check-size", type=int, default=1500, help="N of the sweep's exactness checks")
+    parser.add_argument("--cluster-sizes", type=int, nargs="+", default=[2, 6, 20, 50])
+    parser.add_argument("--noises", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     parser.add_argument("--child", choices=["farreid", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads is not None:
@@ -157,6 +190,10 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on the machine skew the times)")
     warm_up = torch.from_numpy(clustered_features(400, args.dim, args.seed + 1))
     re_ranking(warm_up[:100], warm_up[100:])  # thread pools and first allocations are not timed
+    if args.sweep:
+        sweep(args.sweep_size, args.dim, args.repeats, args.seed, args.check_size, args.cluster_sizes, args.noises)
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        return
     for num in args.sizes:
         compare(num, args.dim, args.repeats, args.seed)
     if args.large:

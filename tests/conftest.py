@@ -40,3 +40,13 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny_clip")
     CLIPModel(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _index_cache_in_a_temporary_dir(tmp_path_factory: pytest.TempPathFactory):
+    """DetReIDX index caches (and any other user cache) go to a temporary directory, never the user's ~/.cache;
+    subprocesses (the console script) inherit it."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+    yield
+    patch.undo()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from farreid.data.detreidx import CASES, FrameMeta, Tracklet, case_split, parse_frame_name, read_split
+from farreid.data.detreidx import CASES, FrameMeta, Tracklet, case_split, list_split, parse_frame_name, read_split
 
 GROUND = "0024_5453_G01_000123.jpg"
 AERIAL_S1 = "0024_5454_D1_S1_00_000_35.5_80.0_60_1_000007.jpg"
@@ -62,7 +62,7 @@ def test_read_split_parses_tracklets_in_order(tmp_path):
     assert (air.view, air.camid, air.altitude, air.distance, air.angle) == ("aerial", 1, 35.5, 80.0, 60.0)
     assert [Path(f).name for f in air.frames] == sorted(aerial)
     assert all(Path(f).is_file() for f in air.frames)
-    assert isinstance(air, Tracklet) and isinstance(air.frames, tuple)
+    assert isinstance(air, Tracklet) and air.frames[0] == air.frames[:1][0] and list(air.frames)[-1] == air.frames[-1]
 
 
 def test_read_split_case_folder(tmp_path):
@@ -115,3 +115,71 @@ def test_inconsistent_frames_name_the_tracklet(tmp_path):
     with pytest.raises(ValueError, match="0024_77") as info:
         read_split(tmp_path, "train")
     assert AERIAL_S2 in str(info.value)
+
+
+def test_camera_of_every_frame_is_checked(tmp_path):
+    """The fast check parses only names whose prefix differs from the first frame's; a changed camera is found."""
+    stem = "0024_5454_D1_S1_00_000_35.5_80.0_60_{session}_{frame:06d}.jpg"
+    frames = [stem.format(session=1, frame=i) for i in range(40)]
+    frames[27] = stem.format(session=2, frame=27)
+    make_tracklet(tmp_path, "train", "0024", "0024_1", frames)
+    with pytest.raises(ValueError, match="0024_1") as info:
+        read_split(tmp_path, "train")
+    assert frames[27] in str(info.value) and "camid 2" in str(info.value)
+    # A 9-field aerial name ends with the angle, which is read: every name is parsed, a broken one is named.
+    nine = ["a_b_c_d_e_f_10_20_30.jpg", "a_b_c_d_e_f_10_20_31.jpg", "a_b_c_d_e_f_10_20_xx.jpg"]
+    make_tracklet(tmp_path, "case3_aerial_to_aerial/query", "0001", "0001_1", nine)
+    with pytest.raises(ValueError, match="a_b_c_d_e_f_10_20_xx"):
+        read_split(tmp_path, "case3_aerial_to_aerial/query")
+    # Ground names with the same prefix need no parse; a mixed-case suffix is still a frame.
+    make_tracklet(tmp_path, "case1_aerial_to_ground/query", "0002", "0002_1", ["0002_1_G01_000001.JPG", GROUND])
+    (tracklet,) = read_split(tmp_path, "case1_aerial_to_ground/query")
+    assert len(tracklet.frames) == 2 and tracklet.camid == 0
+
+
+def test_frames_are_a_compact_sequence_of_paths(tmp_path):
+    names = [f"0001_1_G01_{i:06d}.jpg" for i in (3, 1, 2)] + ["é_0001_1_G01_000009.jpg"]
+    folder = make_tracklet(tmp_path, "train", "0001", "0001_1", names)
+    make_tracklet(tmp_path, "train", "0002", "0002_1", [GROUND])
+    first, second = read_split(tmp_path, "train")
+    expected = [str(folder / n) for n in sorted(names)]
+    assert len(first.frames) == 4 and list(first.frames) == expected
+    assert first.frames[0] == expected[0] and first.frames[-1] == expected[-1] and first.frames[1:3] == expected[1:3]
+    assert first.frames == tuple(expected) and second.frames[0].endswith(GROUND)
+    with pytest.raises(IndexError):
+        first.frames[4]
+    index = list_split(tmp_path, "train")
+    # One byte per name character, a NUL and a 4-byte offset: no Python object per frame.
+    assert index.names.nbytes == sum(len(n.encode()) + 1 + 4 for n in names + [GROUND])
+
+
+def test_index_cache_is_reused_rebuilt_when_stale_and_survives_damage(tmp_path, monkeypatch):
+    import farreid.data.index_cache as index_cache
+
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    make_tracklet(root, "train", "0001", "0001_1", [GROUND])
+    make_tracklet(root, "train", "0002", "0002_1", [AERIAL_S1])
+    make_tracklet(root, "train", "0002", "0002_2", [])  # empty: its warning is replayed from the cache
+    with pytest.warns(UserWarning, match="skipped 1 tracklet"):
+        built = read_split(root, "train", cache_dir=cache)
+    path = index_cache.cache_path(root, "train", cache)
+    assert path.is_file() and [p.name for p in cache.iterdir()] == [path.name]  # no temporary file left
+
+    def no_listing(*args):
+        raise AssertionError("listed the folders although the cache is valid")
+
+    monkeypatch.setattr(index_cache, "list_split", no_listing)
+    with pytest.warns(UserWarning, match="skipped 1 tracklet"):
+        cached = read_split(root, "train", cache_dir=cache)
+    assert cached == built and [list(t.frames) for t in cached] == [list(t.frames) for t in built]
+    monkeypatch.undo()
+    # A new frame changes its folder's time: the cache is stale, said so, and rebuilt.
+    (root / "train" / "0001" / "0001_1" / "0001_1_G01_000200.jpg").write_bytes(b"")
+    with pytest.warns(UserWarning, match="stale"):
+        fresh = read_split(root, "train", cache_dir=cache)
+    assert len(fresh[0].frames) == 2
+    # A damaged file is rebuilt, never trusted.
+    path.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="stale .*unreadable cache"):
+        again = read_split(root, "train", cache_dir=cache)
+    assert [len(t.frames) for t in again] == [2, 1]

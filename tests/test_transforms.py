@@ -1,4 +1,4 @@
-"""Tracklet transforms: shapes, normalisation, and one random decision shared by all frames."""
+"""Tracklet transforms: uint8 decode at size, device-side normalisation, one random decision shared by all frames."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from farreid.data.transforms import CLIP_MEAN, CLIP_STD, TrackletTransform, to_tensor
+from farreid.data.transforms import CLIP_MEAN, CLIP_STD, TrackletTransform, load_frame, normalize_clip
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> float (3, h, w) in [0, 1] (the reference the transforms are checked against)."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 def gradient_frames(num: int, height: int = 16, width: int = 8) -> list[Image.Image]:
@@ -116,3 +121,49 @@ def test_training_requires_rng_and_rejects_bad_arguments():
         TrackletTransform(flip_p=1.5)
     with pytest.raises(ValueError, match="empty"):
         TrackletTransform()([])
+
+
+def test_normalize_clip_uses_the_clip_constants():
+    # Pinned: CLIP's published preprocessing constants (openai/CLIP, clip.py `_transform`).
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+    assert CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+    frames = torch.randint(0, 256, (2, 3, 3, 4, 5), dtype=torch.uint8)
+    out = normalize_clip(frames)
+    expected = (frames.float() / 255 - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    assert out.dtype == torch.float32 and out.shape == frames.shape
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_clip(frames.float())
+
+
+@pytest.mark.parametrize("size", [(30, 12), (300, 120), (70, 30), (512, 256)])
+def test_load_frame_matches_float_resize_up_to_rounding(tmp_path, size):
+    """Decode-at-size equals the float pipeline (bilinear, antialiased) up to uint8 rounding."""
+    rng = np.random.default_rng(0)
+    height, width = size
+    smooth = np.linspace(0, 255, height * width * 3).reshape(height, width, 3) + rng.normal(0, 20, (height, width, 3))
+    image = Image.fromarray(smooth.clip(0, 255).astype(np.uint8))
+    image.save(tmp_path / "f.png")
+    out = load_frame(str(tmp_path / "f.png"), (64, 32))
+    assert out.shape == (64, 32, 3) and out.dtype == np.uint8
+    reference = torch.nn.functional.interpolate(to_tensor(image)[None], size=(64, 32), mode="bilinear", antialias=True)
+    diff = (torch.from_numpy(out.copy()).permute(2, 0, 1).float() / 255 - reference[0].clamp(0, 1)).abs()
+    assert diff.mean() < 1.5 / 255 and diff.max() < 6 / 255
+
+
+def test_load_frame_reduced_jpeg_decode_keeps_at_least_the_output_size(tmp_path):
+    Image.new("RGB", (1024, 2048), (40, 90, 200)).save(tmp_path / "big.jpg", quality=95)
+    out = load_frame(str(tmp_path / "big.jpg"), (256, 128))
+    assert out.shape == (256, 128, 3)
+    assert np.abs(out.astype(int).mean(axis=(0, 1)) - [40, 90, 200]).max() < 3
+
+
+def test_batched_augment_equals_one_tracklet_at_a_time():
+    transform = TrackletTransform(image_size=(16, 8), training=True, flip_p=0.5, erase_p=0.5, pad=3, color_jitter=0.3)
+    frames = torch.randint(0, 256, (6, 4, 3, 16, 8), dtype=torch.uint8)
+    params = torch.stack([transform.draw(random.Random(seed)) for seed in range(6)])
+    batched = transform.augment(frames, params)
+    for b in range(6):
+        torch.testing.assert_close(batched[b], transform.augment(frames[b : b + 1], params[b : b + 1])[0])
+    # and the single-tracklet path is the reference checked by the tests above (flip, shift, jitter, erase)
+    assert len({tuple(p.tolist()) for p in params}) == 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from functools import cached_property
 
 import lightning as L
@@ -11,12 +12,22 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 from farreid.data.dataset import TrackletDataset
-from farreid.data.detreidx import Tracklet, read_split
+from farreid.data.detreidx import CASES, Tracklet, case_split, read_split
+from farreid.data.index_cache import cache_path, cached_split, default_cache_dir
 from farreid.data.protocols import EvalSet, released_cases, split_identities, validation_cases
 from farreid.data.sampling import IdentityBatchSampler
-from farreid.data.transforms import TrackletTransform
+from farreid.data.transforms import TrackletTransform, normalize_clip
 
 ROOT_ENV = "FARREID_DATA"
+
+
+def compute_threads(requested: int | None, num_workers: int) -> int | None:
+    """Intra-op threads for ``data.compute_threads``: None (torch's default), 0 (usable cores minus the loader
+    workers, at least 1) or the count itself."""
+    if requested is None or requested > 0:
+        return requested
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable - num_workers)
 
 
 class DetReIDXDataModule(L.LightningDataModule):
@@ -41,6 +52,19 @@ class DetReIDXDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         flip_p, erase_p, pad, color_jitter: training augmentation, decided once per tracklet.
         test_split: what ``test``/``predict`` evaluate: the released ``"cases"`` folders or the ``"val"`` split.
+        test_frames: ``"even"``: each evaluation tracklet is one clip of ``num_frames_test`` evenly spaced frames;
+            ``"all"``: every frame, as rows of ``num_frames_test`` consecutive frames whose features the evaluation
+            averages per tracklet (the MARS protocol; memory stays one batch of rows).
+        index_cache: keep each split's listing in a cache file validated by folder times (see
+            :mod:`farreid.data.index_cache`); False lists the folders on every run and rank.
+        index_cache_dir: where the cache files go; None: ``$XDG_CACHE_HOME/farreid/index`` or
+            ``~/.cache/farreid/index`` (the dataset root may be read-only).
+        compute_threads: torch intra-op threads of this process, set in ``setup``: None keeps torch's default
+            (all cores), 0 takes the cores this process may use minus ``num_workers`` (at least 1), N sets N.
+            On a small CPU machine the loader workers and the compute threads share the cores; see
+            ``benchmarks/scale.py`` and the README for the measurement behind the demo's choice.
+        max_unreadable: share of an evaluation set's (or the training set's) tracklets that may have no
+            decodable frame before the run stops with an error listing them (farreid choice: 1%, issue 10).
         num_classes: the classifier width when this run does not train (``test``/``predict``: the farreid CLI
             reads it from the checkpoint, so no ``train/`` folder is needed); None = count training identities.
     """
@@ -63,6 +87,11 @@ class DetReIDXDataModule(L.LightningDataModule):
         pad: int = 10,
         color_jitter: float = 0.0,
         test_split: str = "cases",
+        test_frames: str = "even",
+        index_cache: bool = True,
+        index_cache_dir: str | None = None,
+        max_unreadable: float = 0.01,
+        compute_threads: int | None = None,
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
@@ -74,16 +103,43 @@ class DetReIDXDataModule(L.LightningDataModule):
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         if test_split not in ("cases", "val"):
             raise ValueError(f"data.test_split must be 'cases' or 'val', got {test_split!r}")
+        if test_frames not in ("even", "all"):
+            raise ValueError(f"data.test_frames must be 'even' (T evenly spaced frames) or 'all', got {test_frames!r}")
+        if compute_threads is not None and compute_threads < 0:
+            raise ValueError(f"data.compute_threads must be None, 0 (auto) or a positive count, got {compute_threads}")
+        if not 0.0 <= max_unreadable <= 1.0:
+            raise ValueError(f"data.max_unreadable must be a share in [0, 1], got {max_unreadable}")
         self.save_hyperparameters()
         self.root = str(root)
         self.num_frames_test = num_frames if num_frames_test is None else num_frames_test
         self.train_set: TrackletDataset | None = None
         self.eval_sets: dict[str, EvalSet] = {}
+        self.eval_datasets: dict[str, TrackletDataset] = {}
+        self.cache_dir = (index_cache_dir or str(default_cache_dir())) if index_cache else None
+        self._train_transform: TrackletTransform | None = None
 
     # ----------------------------------------------------------------------------------------- splits
     @cached_property
     def _train_tracklets(self) -> list[Tracklet]:
-        return read_split(self.root, "train")
+        return read_split(self.root, "train", cache_dir=self.cache_dir)
+
+    def prepare_data(self) -> None:
+        """Build the index cache of the splits this stage reads (Lightning runs this on one process per node and
+        holds the other ranks at a barrier, so under DDP one rank lists and the others read its cache)."""
+        if self.cache_dir is None:
+            return
+        fn = getattr(getattr(getattr(self, "trainer", None), "state", None), "fn", None)
+        stage = getattr(fn, "value", "fit")
+        splits = ["train"] if stage in ("fit", "validate") or self.hparams.test_split == "val" else []
+        if stage in ("test", "predict") and self.hparams.test_split == "cases":
+            splits = [case_split(case, part) for case in CASES for part in ("query", "gallery")]
+        for split in splits:
+            start = time.perf_counter()
+            index = cached_split(self.root, split, self.cache_dir)
+            rank_zero_info(
+                f"[farreid] index of {split}: {len(index)} tracklets, {len(index.names)} frames "
+                f"({time.perf_counter() - start:.2f} s; cache {cache_path(self.root, split, self.cache_dir)})"
+            )
 
     @cached_property
     def _identity_split(self) -> tuple[list[int], list[int]]:
@@ -98,6 +154,10 @@ class DetReIDXDataModule(L.LightningDataModule):
         return len(self._identity_split[0])
 
     def setup(self, stage: str) -> None:
+        threads = compute_threads(self.hparams.compute_threads, self.hparams.num_workers)
+        if threads is not None and threads != torch.get_num_threads():
+            rank_zero_info(f"[farreid] {threads} compute threads (data.compute_threads={self.hparams.compute_threads})")
+            torch.set_num_threads(threads)
         if stage == "fit" and self.train_set is None:
             train_pids, _ = self._identity_split
             label_of = {pid: i for i, pid in enumerate(train_pids)}
@@ -109,6 +169,7 @@ class DetReIDXDataModule(L.LightningDataModule):
                 transform=self._transform(training=True),
                 labels=[label_of[t.pid] for t in tracklets],
                 seed=self.hparams.split_seed,
+                max_unreadable=self.hparams.max_unreadable,
             )
         if stage in ("fit", "validate") and "val" not in self.eval_sets and self.hparams.val_share > 0:
             _, val_pids = self._identity_split
@@ -119,11 +180,41 @@ class DetReIDXDataModule(L.LightningDataModule):
                 self.setup("validate")
                 self.eval_sets["test"] = self.eval_sets["val"]
             else:
-                self.eval_sets["test"] = released_cases(self.root)
+                self.eval_sets["test"] = released_cases(self.root, cache_dir=self.cache_dir)
         for name, eval_set in self.eval_sets.items():
             rank_zero_info(f"[farreid] {name} set: {len(eval_set)} tracklets ({eval_set.describe()})")
 
     # ------------------------------------------------------------------------------------ dataloaders
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """On the host: training items without any readable frame (``valid`` False) leave the batch.
+
+        That happens only when an identity has no readable tracklet left to substitute; the dataset has counted
+        and warned. Checked here, on the CPU copy, so the device step stays free of host syncs.
+        """
+        if isinstance(batch, dict) and "aug" in batch and "valid" in batch and not bool(batch["valid"].all()):
+            batch = _select_rows(batch, batch["valid"])
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """On the device: uint8 clips -> normalised floats, with the training augmentations applied batched."""
+        if not isinstance(batch, dict) or "frames" not in batch or batch["frames"].dtype != torch.uint8:
+            return batch
+        params = batch.pop("aug", None)
+        if params is None:
+            batch["frames"] = normalize_clip(batch["frames"])
+        else:
+            if self._train_transform is None:
+                self._train_transform = self._transform(training=True)
+            batch["frames"] = self._train_transform.augment(batch["frames"], params)
+        return batch
+
+    def unreadable_counts(self) -> dict[str, int]:
+        """Tracklets without a decodable frame found so far, per dataset ("train" and each evaluation set)."""
+        counts = {name: d.num_unreadable for name, d in self.eval_datasets.items()}
+        if self.train_set is not None:
+            counts["train"] = self.train_set.num_unreadable
+        return counts
+
     def _transform(self, training: bool) -> TrackletTransform:
         h = self.hparams
         if not training:
@@ -162,12 +253,16 @@ class DetReIDXDataModule(L.LightningDataModule):
     def _eval_loader(self, name: str) -> DataLoader:
         if name not in self.eval_sets:
             raise RuntimeError(f"no {name!r} evaluation set: is data.val_share > 0 (validation)?")
-        dataset = TrackletDataset(
-            self.eval_sets[name].tracklets,
-            num_frames=self.num_frames_test,
-            training=False,
-            transform=self._transform(training=False),
-        )
+        if name not in self.eval_datasets:
+            self.eval_datasets[name] = TrackletDataset(
+                self.eval_sets[name].tracklets,
+                num_frames=self.num_frames_test,
+                training=False,
+                transform=self._transform(training=False),
+                dense=self.hparams.test_frames == "all",
+                max_unreadable=self.hparams.max_unreadable,
+            )
+        dataset = self.eval_datasets[name]
         sampler = None
         if self.trainer is not None and self.trainer.world_size > 1:
             # Padded to equal length per rank; the evaluator drops the repeats by dataset index after gathering.
@@ -180,6 +275,8 @@ class DetReIDXDataModule(L.LightningDataModule):
             sampler=sampler,
             shuffle=False,
             num_workers=self.hparams.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.hparams.num_workers > 0,  # workers kept across validations
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -194,6 +291,17 @@ class DetReIDXDataModule(L.LightningDataModule):
     def eval_set(self, stage: str) -> EvalSet:
         """The :class:`EvalSet` evaluated in a Lightning stage ("validate"/"fit" -> val, "test"/"predict")."""
         return self.eval_sets["val" if stage in ("fit", "validate", "sanity_check") else "test"]
+
+
+def _select_rows(value, keep: torch.Tensor):
+    """The rows ``keep`` (a (B,) bool mask) of every (B, ...) tensor in a collated batch, nested dicts included."""
+    if isinstance(value, dict):
+        return {k: _select_rows(v, keep) for k, v in value.items()}
+    if torch.is_tensor(value) and value.shape[:1] == keep.shape:
+        return value[keep]
+    if isinstance(value, list) and len(value) == len(keep):
+        return [v for v, k in zip(value, keep.tolist(), strict=True) if k]
+    return value
 
 
 def _loop_position(trainer: L.Trainer, num_batches: int) -> tuple[int, int]:

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 CASES: dict[str, str] = {
     "A2G": "case1_aerial_to_ground",
@@ -33,6 +36,7 @@ AERIAL_GRAMMAR = (
     "field -2 the UAV session (integer)"
 )
 _MIN_AERIAL_FIELDS = 8  # a stem with fewer fields is a ground frame
+_ANGLE_FIELD = 8  # the last field read from an aerial name (besides the session, field -2)
 _NUM_EXAMPLES = 3  # example paths shown in a skip warning
 
 
@@ -65,7 +69,8 @@ class Tracklet:
         view: "aerial" or "ground".
         altitude, distance, angle: from the first frame's name (metres, metres, degrees; 0 for ground).
         name: the tracklet folder name (what the challenge CSV lists).
-        frames: frame paths sorted by file name.
+        frames: frame paths sorted by file name: a :class:`FrameList` view into the split's name table when read
+            by :func:`read_split` (a sequence of path strings with no Python object per frame), or any sequence.
     """
 
     pid: int
@@ -75,7 +80,7 @@ class Tracklet:
     distance: float
     angle: float
     name: str
-    frames: tuple[str, ...]
+    frames: Sequence[str]
 
 
 def parse_frame_name(name: str) -> FrameMeta:
@@ -114,101 +119,297 @@ def case_split(case: str, part: str) -> str:
     return f"{CASES[case]}/{part}"
 
 
-def _sorted_entries(path: str) -> list[os.DirEntry]:
-    with os.scandir(path) as it:
-        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+class NameTable:
+    """The frame file names of one split in one bytes buffer: name i is ``buffer[ends[i-1] + 1 : ends[i]]``.
+
+    Names are stored encoded with :func:`os.fsencode` and separated by NUL bytes (which no file name holds), so a
+    frame costs its name length + 1 byte + 4 (or 8) bytes of offset and no Python object.
+    """
+
+    __slots__ = ("buffer", "ends")
+
+    def __init__(self, buffer: np.ndarray, ends: np.ndarray) -> None:
+        self.buffer = buffer  # (bytes,) uint8
+        self.ends = ends  # (frames,) uint32 or int64: position of each name's NUL terminator
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def name(self, i: int) -> str:
+        start = int(self.ends[i - 1]) + 1 if i > 0 else 0
+        return os.fsdecode(self.buffer[start : int(self.ends[i])].tobytes())
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes + self.ends.nbytes
 
 
-def _read_tracklet(pid: int, entry: os.DirEntry) -> tuple[Tracklet | None, int]:
-    """One tracklet folder -> (Tracklet or None when it has no frame, number of ignored non-image files)."""
-    frames, ignored = [], 0
-    with os.scandir(entry.path) as it:
-        for f in it:
-            if f.name.lower().endswith(IMAGE_SUFFIXES) and not f.name.startswith("."):
-                frames.append(f.name)
-            else:
-                ignored += 1
-    if not frames:
-        return None, ignored
-    frames.sort()
+class FrameList(Sequence[str]):
+    """The sorted frame paths of one tracklet: ``folder/name`` for the names ``first .. first + count - 1`` of a
+    :class:`NameTable`. Behaves as a read-only sequence of path strings (``len``, indexing, slicing, iteration)."""
+
+    __slots__ = ("folder", "table", "first", "count")
+
+    def __init__(self, folder: str, table: NameTable, first: int, count: int) -> None:
+        self.folder, self.table, self.first, self.count = folder, table, first, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):  # int -> str, slice -> list[str]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.count))]
+        if i < 0:
+            i += self.count
+        if not 0 <= i < self.count:
+            raise IndexError(f"frame {i} of a tracklet with {self.count} frames")
+        return os.path.join(self.folder, self.table.name(self.first + i))
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(self.count))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    def __hash__(self) -> int:
+        return hash((self.folder, self.count, self.table.name(self.first) if self.count else ""))
+
+    def __repr__(self) -> str:
+        return f"FrameList({self.folder!r}, {self.count} frames)"
+
+
+@dataclass
+class SplitIndex:
+    """The listing of one split as flat arrays: one entry per tracklet, one name-table entry per frame.
+
+    Attributes:
+        split_path: the split folder.
+        folders: per tracklet, "PID/TRACKLET" relative to ``split_path``.
+        pid, camid, aerial, altitude, distance, angle: per tracklet (from its folder and first frame's name).
+        first, count: per tracklet, its frames' positions in ``names``.
+        names: the frame-name table of the split.
+        empty: tracklet folders without a frame; stray: entries that are neither folders nor frames.
+    """
+
+    split_path: str
+    folders: list[str]
+    pid: np.ndarray
+    camid: np.ndarray
+    aerial: np.ndarray
+    altitude: np.ndarray
+    distance: np.ndarray
+    angle: np.ndarray
+    first: np.ndarray
+    count: np.ndarray
+    names: NameTable
+    empty: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.folders)
+
+    def tracklets(self) -> list[Tracklet]:
+        """One :class:`Tracklet` per tracklet folder, sharing this index's name table."""
+        out = []
+        for i, folder in enumerate(self.folders):
+            path = os.path.join(self.split_path, folder)
+            frames = FrameList(path, self.names, int(self.first[i]), int(self.count[i]))
+            aerial = bool(self.aerial[i])
+            out.append(
+                Tracklet(
+                    pid=int(self.pid[i]),
+                    camid=int(self.camid[i]),
+                    view="aerial" if aerial else "ground",
+                    altitude=float(self.altitude[i]),
+                    distance=float(self.distance[i]),
+                    angle=float(self.angle[i]),
+                    name=os.path.basename(folder),
+                    frames=frames,
+                )
+            )
+        return out
+
+    def warn(self, stacklevel: int = 2) -> None:
+        """The warnings of a listing: skipped empty tracklet folders, ignored stray entries."""
+        where = self.split_path
+        if self.empty:
+            warnings.warn(
+                f"{where}: skipped {len(self.empty)} tracklet folders without any {'/'.join(IMAGE_SUFFIXES)} frame, "
+                f"e.g. {', '.join(self.empty[:_NUM_EXAMPLES])}",
+                stacklevel=stacklevel + 1,
+            )
+        if self.stray:
+            warnings.warn(
+                f"{where}: ignored {len(self.stray)} entries that are neither PID/TRACKLET folders nor frames, "
+                f"e.g. {', '.join(self.stray[:_NUM_EXAMPLES])}",
+                stacklevel=stacklevel + 1,
+            )
+
+
+def _frame_names(path: str) -> tuple[list[str], int]:
+    """Sorted image names of a tracklet folder and the number of other entries."""
+    names = os.listdir(path)
+    total = len(names)
+    # Fast path, in C: every name is a visible .jpg (each ".jpg" followed by the separator, no "\0." start).
+    joined = "\0" + "\0".join(names) + "\0"
+    if not (joined.count(".jpg\0") == len(names) and "\0." not in joined):
+        names = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")]
+    frames = sorted(names)
+    return frames, total - len(frames)
+
+
+def _check_camera(path: str, frames: list[str], joined: str) -> FrameMeta:
+    """The first frame's metadata, after checking that every frame names the same camera.
+
+    A name equal to the first frame's up to its last "_" field (the frame number) has the same view and camera,
+    so only the names that differ there are parsed; when the first name's last field is one that is read (the
+    angle of a 9-field aerial name), every name is parsed. ``joined`` is ``"\0".join(frames)``: when every name
+    starts with that prefix and has no other "_", two counts in C decide it for the whole folder.
+    """
     first = parse_frame_name(frames[0])
-    for name in frames[1:]:
+    stem = os.path.splitext(frames[0])[0]
+    cut = stem.rfind("_") + 1
+    prefix = stem[:cut]
+    if cut == 0 or (first.view == "aerial" and stem.count("_") == _ANGLE_FIELD):
+        suspects = frames[1:]
+    elif joined.count("\0" + prefix) == len(frames) - 1 and joined.count("_") == len(frames) * prefix.count("_"):
+        return first
+    else:
+        suspects = [n for n in frames[1:] if not (n.startswith(prefix) and n.rfind("_") == cut - 1)]
+    for name in suspects:
         meta = parse_frame_name(name)
         if meta.view != first.view or meta.camid != first.camid:
             raise ValueError(
-                f"tracklet {entry.path}: frame {name} is {meta.view} camid {meta.camid} but the first frame "
+                f"tracklet {path}: frame {name} is {meta.view} camid {meta.camid} but the first frame "
                 f"{frames[0]} is {first.view} camid {first.camid}; all frames of a tracklet must share one camera"
             )
-    paths = tuple(os.path.join(entry.path, name) for name in frames)
-    tracklet = Tracklet(
-        pid=pid,
-        camid=first.camid,
-        view=first.view,
-        altitude=first.altitude,
-        distance=first.distance,
-        angle=first.angle,
-        name=entry.name,
-        frames=paths,
-    )
-    return tracklet, ignored
+    return first
 
 
-def read_split(root: str | os.PathLike, split: str) -> list[Tracklet]:
-    """List the tracklets of one split, ordered by PID folder then tracklet folder name.
+def _sorted_dirs(path: str, stray: list[str]) -> list[str]:
+    """Sorted names of the visible sub-folders of ``path``; other visible entries go to ``stray``."""
+    out = []
+    with os.scandir(path) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                out.append(entry.name)
+            else:
+                stray.append(entry.path)
+    out.sort()
+    return out
 
-    Args:
-        root: dataset root.
-        split: "train" or a case part such as "case1_aerial_to_ground/query" (see :func:`case_split`).
 
-    Returns:
-        The tracklets; folders without any frame are skipped and counted in one warning.
+def _release_free_heap() -> None:
+    """Hand the listing's freed temporaries (per-folder name lists, joined strings) back to the OS.
 
-    Raises:
-        FileNotFoundError: the root or split folder does not exist.
-        ValueError: a PID folder name is not an integer, a tracklet mixes cameras, or the split is empty.
+    glibc keeps freed heap memory for reuse; after a listing of millions of names that is about as much again as
+    the index itself, and every forked DataLoader worker would start from it. No-op without glibc.
     """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _check_split(root: str | os.PathLike, split: str) -> str:
     root_path = Path(root)
     if not root_path.is_dir():
         raise FileNotFoundError(f"dataset root {root_path} does not exist; expected layout: {EXPECTED_LAYOUT}")
     split_path = root_path / split
     if not split_path.is_dir():
         raise FileNotFoundError(f"split folder {split_path} does not exist; expected layout: {EXPECTED_LAYOUT}")
-    tracklets: list[Tracklet] = []
+    return str(split_path)
+
+
+def list_split(root: str | os.PathLike, split: str) -> SplitIndex:
+    """List one split into a :class:`SplitIndex` (no warning; see :func:`read_split`).
+
+    Raises:
+        FileNotFoundError: the root or split folder does not exist.
+        ValueError: a PID folder name is not an integer, a tracklet mixes cameras, or the split is empty.
+    """
+    split_path = _check_split(root, split)
+    folders: list[str] = []
+    meta: list[tuple[int, int, bool, float, float, float]] = []
+    counts: list[int] = []
     empty: list[str] = []
     stray: list[str] = []
-    for pid_entry in _sorted_entries(str(split_path)):
-        if not pid_entry.is_dir():
-            stray.append(pid_entry.path)
-            continue
+    buffer = bytearray()
+    for pid_name in _sorted_dirs(split_path, stray):
+        pid_path = os.path.join(split_path, pid_name)
         try:
-            pid = int(pid_entry.name)
+            pid = int(pid_name)
         except ValueError:
             raise ValueError(
-                f"PID folder {pid_entry.path}: name {pid_entry.name!r} is not an integer; expected {EXPECTED_LAYOUT}"
+                f"PID folder {pid_path}: name {pid_name!r} is not an integer; expected {EXPECTED_LAYOUT}"
             ) from None
-        for entry in _sorted_entries(pid_entry.path):
-            if not entry.is_dir():
-                stray.append(entry.path)
-                continue
-            tracklet, ignored = _read_tracklet(pid, entry)
+        for name in _sorted_dirs(pid_path, stray):
+            path = os.path.join(pid_path, name)
+            frames, ignored = _frame_names(path)
             if ignored:
-                stray.append(f"{entry.path} ({ignored} non-image files)")
-            if tracklet is None:
-                empty.append(entry.path)
-            else:
-                tracklets.append(tracklet)
-    if empty:
-        warnings.warn(
-            f"{split_path}: skipped {len(empty)} tracklet folders without any {'/'.join(IMAGE_SUFFIXES)} frame, "
-            f"e.g. {', '.join(empty[:_NUM_EXAMPLES])}",
-            stacklevel=2,
-        )
-    if stray:
-        warnings.warn(
-            f"{split_path}: ignored {len(stray)} entries that are neither PID/TRACKLET folders nor frames, "
-            f"e.g. {', '.join(stray[:_NUM_EXAMPLES])}",
-            stacklevel=2,
-        )
-    if not tracklets:
-        raise ValueError(f"split {split!r} under {root_path} holds no tracklet; expected layout: {EXPECTED_LAYOUT}")
-    return tracklets
+                stray.append(f"{path} ({ignored} non-image files)")
+            if not frames:
+                empty.append(path)
+                continue
+            joined = "\0".join(frames)
+            first = _check_camera(path, frames, joined)
+            folders.append(f"{pid_name}/{name}")
+            meta.append((pid, first.camid, first.view == "aerial", first.altitude, first.distance, first.angle))
+            counts.append(len(frames))
+            buffer += os.fsencode(joined + "\0")  # a NUL after every name
+    if not folders:
+        raise ValueError(f"split {split!r} under {root} holds no tracklet; expected layout: {EXPECTED_LAYOUT}")
+    names = np.frombuffer(buffer, dtype=np.uint8)  # shares the bytearray: no copy
+    ends = np.flatnonzero(names == 0)
+    ends = ends.astype(np.uint32) if len(names) < 2**32 else ends
+    _release_free_heap()
+    count = np.asarray(counts, dtype=np.int64)
+    columns = list(zip(*meta, strict=True))
+    return SplitIndex(
+        split_path=split_path,
+        folders=folders,
+        pid=np.asarray(columns[0], dtype=np.int64),
+        camid=np.asarray(columns[1], dtype=np.int8),
+        aerial=np.asarray(columns[2], dtype=bool),
+        altitude=np.asarray(columns[3], dtype=np.float64),
+        distance=np.asarray(columns[4], dtype=np.float64),
+        angle=np.asarray(columns[5], dtype=np.float64),
+        first=np.cumsum(count) - count,
+        count=count,
+        names=NameTable(names, ends),
+        empty=empty,
+        stray=stray,
+    )
+
+
+def read_split(root: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None) -> list[Tracklet]:
+    """List the tracklets of one split, ordered by PID folder then tracklet folder name.
+
+    Args:
+        root: dataset root.
+        split: "train" or a case part such as "case1_aerial_to_ground/query" (see :func:`case_split`).
+        cache_dir: keep the listing in a cache file there (see :mod:`farreid.data.index_cache`); None lists
+            the folders every time.
+
+    Returns:
+        The tracklets; folders without any frame are skipped and counted in one warning, and so are entries
+        that are neither folders nor frames. Their ``frames`` share one compact name table.
+
+    Raises:
+        FileNotFoundError: the root or split folder does not exist.
+        ValueError: a PID folder name is not an integer, a tracklet mixes cameras, or the split is empty.
+    """
+    if cache_dir is None:
+        index = list_split(root, split)
+    else:
+        from farreid.data.index_cache import cached_split
+
+        index = cached_split(root, split, cache_dir)
+    index.warn(stacklevel=2)
+    return index.tracklets()

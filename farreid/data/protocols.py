@@ -86,8 +86,10 @@ def validation_cases(tracklets: Sequence[Tracklet]) -> EvalSet:
     return EvalSet(tracklets=tracklets, cases=cases, anonymized=False)
 
 
-def released_cases(root: str, cases: Sequence[str] = tuple(CASES)) -> EvalSet:
+def released_cases(root: str, cases: Sequence[str] = tuple(CASES), cache_dir: str | None = None) -> EvalSet:
     """Read the case folders ``ROOT/caseN_*/{query,gallery}`` into one :class:`EvalSet`.
+
+    ``cache_dir`` keeps each folder's listing in a cache file (see :func:`~farreid.data.detreidx.read_split`).
 
     The set counts as anonymized when no query PID of any case occurs in its gallery (the public test release
     renames identities), in which case farreid writes the challenge CSV instead of metrics.
@@ -98,7 +100,7 @@ def released_cases(root: str, cases: Sequence[str] = tuple(CASES)) -> EvalSet:
     for case in cases:
         parts = []
         for part in ("query", "gallery"):
-            items = read_split(root, case_split(case, part))
+            items = read_split(root, case_split(case, part), cache_dir=cache_dir)
             parts.append(np.arange(len(tracklets), len(tracklets) + len(items)))
             tracklets.extend(items)
         index[case] = (parts[0], parts[1])

@@ -1,4 +1,11 @@
-"""Tracklet-level image transforms in plain torch: one random decision per tracklet, applied to every frame."""
+"""Clip transforms split between the loader and the device: one random decision per tracklet, every frame alike.
+
+Loader workers decode each frame straight to the model's size as uint8 (:func:`load_frame`) and draw a tracklet's
+augmentation parameters (:meth:`TrackletTransform.draw`); the device turns the uint8 batch into normalised floats
+and applies the augmentations batched (:meth:`TrackletTransform.augment`, :func:`normalize_clip`), called from
+``DetReIDXDataModule.on_after_batch_transfer``. uint8 clips are a quarter of the bytes of float32 ones through
+the worker queues, the pinned buffers and the host-to-device copy.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,6 @@ import random
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -15,26 +21,55 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _ERASE_SCALE = (0.02, 0.33)  # erased share of the image area
 _ERASE_RATIO = (0.3, 3.3)  # erased box height / width
 _ERASE_ATTEMPTS = 10
+# Columns of the per-tracklet augmentation parameters drawn in the loader (B, NUM_PARAMS).
+FLIP, SHIFT_Y, SHIFT_X, BRIGHTNESS, CONTRAST, SATURATION, TOP, LEFT, HEIGHT, WIDTH = range(10)
+NUM_PARAMS = 10
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image -> float tensor (3, h, w) in [0, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (h, w, 3)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)  # (h, w, 3) -> (3, h, w)
+def load_frame(path: str, size: tuple[int, int]) -> np.ndarray:
+    """Decode one frame and resize it to ``size`` = (height, width): (H, W, 3) uint8 RGB.
+
+    JPEGs at least twice the size are first decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (PIL's ``draft``),
+    never below ``size``; then PIL's bilinear resize, antialiased when shrinking, as ``torch`` interpolation with
+    ``antialias=True``. The full decode is forced here, so a truncated file fails here, not later.
+    """
+    height, width = size
+    with Image.open(path) as image:
+        image.draft("RGB", (width, height))
+        image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def normalize_clip(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB frames (..., 3, H, W) -> float32 normalised with CLIP's mean and std, on their device."""
+    if frames.dtype != torch.uint8:
+        raise TypeError(f"normalize_clip expects uint8 frames (..., 3, H, W), got {frames.dtype}")
+    return _normalize01(frames.float().div_(255.0))
+
+
+def _normalize01(x: torch.Tensor) -> torch.Tensor:
+    """Float frames (..., 3, H, W) in [0, 1] -> normalised with CLIP's mean and std, in place."""
+    mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    """Luma of (T, 3, H, W) -> (T, 1, H, W) (ITU-R 601 weights)."""
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    """Luma of (..., 3, H, W) -> (..., 1, H, W) (ITU-R 601 weights)."""
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype)
+    return torch.einsum("...chw,c->...hw", x, weights).unsqueeze(-3)
 
 
 class TrackletTransform:
-    """Resize, augment and normalise the frames of one tracklet.
+    """Resize, augment and normalise the frames of tracklets.
 
     Training applies, in order: resize, horizontal flip, zero-pad + random crop, colour jitter (brightness,
     contrast, saturation), CLIP normalisation, random erasing (with 0, the mean colour after normalisation).
-    Each decision (flip, crop offset, jitter factors, erase box) is drawn once per call and applied to all
-    frames, so the clip stays temporally consistent. Test mode only resizes and normalises.
+    Each decision (flip, crop offset, jitter factors, erase box) is drawn once per tracklet (:meth:`draw`, in the
+    loader, from the item's generator) and applied to all its frames (:meth:`augment`, on the device), so the clip
+    stays temporally consistent. Test mode only resizes and normalises.
 
     Args:
         image_size: output (height, width) in pixels.
@@ -43,7 +78,6 @@ class TrackletTransform:
         erase_p: probability of erasing one random box.
         pad: zero padding in pixels on each side before the random crop (0 disables).
         color_jitter: jitter strength s; factors drawn from [1 - s, 1 + s] (0 disables).
-        mean, std: per-channel normalisation (CLIP's by default).
     """
 
     def __init__(
@@ -54,8 +88,6 @@ class TrackletTransform:
         erase_p: float = 0.5,
         pad: int = 10,
         color_jitter: float = 0.0,
-        mean: tuple[float, float, float] = CLIP_MEAN,
-        std: tuple[float, float, float] = CLIP_STD,
     ) -> None:
         if len(image_size) != 2 or min(image_size) < 1:
             raise ValueError(f"image_size must be (height, width) with positive entries, got {image_size}")
@@ -70,64 +102,29 @@ class TrackletTransform:
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.training = training
         self.flip_p, self.erase_p, self.pad, self.color_jitter = flip_p, erase_p, pad, color_jitter
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)  # (3,) -> (1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)  # (3,) -> (1, 3, 1, 1)
 
-    def __call__(self, images: list[Image.Image], rng: random.Random | None = None) -> torch.Tensor:
-        """Transform one tracklet.
+    # ---------------------------------------------------------------------------------------- loader side
+    def load(self, path: str) -> np.ndarray:
+        """One frame at the output size, (H, W, 3) uint8 (see :func:`load_frame`)."""
+        return load_frame(path, self.image_size)
 
-        Args:
-            images: T frames (any sizes).
-            rng: source of every random decision; required in training mode.
-
-        Returns:
-            Float32 tensor (T, 3, H, W), normalised.
-        """
-        if not images:
-            raise ValueError("TrackletTransform got an empty list of frames")
-        x = torch.stack([self._resize(to_tensor(image)) for image in images])  # (T, 3, H, W)
-        if self.training:
-            if rng is None:
-                raise ValueError("TrackletTransform(training=True) needs an rng")
-            x = self._augment_colour_space(x, rng)
-        x = x.sub_(self.mean).div_(self.std)
-        if self.training and rng.random() < self.erase_p:
-            x = self._erase(x, rng)
-        return x
-
-    def _resize(self, frame: torch.Tensor) -> torch.Tensor:
-        """(3, h, w) -> (3, H, W), bilinear with antialiasing when shrinking."""
-        if tuple(frame.shape[-2:]) == self.image_size:
-            return frame
-        out = F.interpolate(frame.unsqueeze(0), size=self.image_size, mode="bilinear", antialias=True)
-        return out.squeeze(0).clamp_(0.0, 1.0)  # (1, 3, H, W) -> (3, H, W)
-
-    def _augment_colour_space(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        """Flip, pad + crop and colour jitter on (T, 3, H, W) in [0, 1]."""
-        if rng.random() < self.flip_p:
-            x = x.flip(-1)
+    def draw(self, rng: random.Random) -> torch.Tensor:
+        """One tracklet's augmentation parameters, (NUM_PARAMS,) float32 (identity values when not training)."""
+        params = [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+        if not self.training:
+            return torch.tensor(params)
+        params[FLIP] = float(rng.random() < self.flip_p)
         if self.pad > 0:
-            height, width = self.image_size
-            # Zero-pad by `pad` then crop H×W at a random offset == shift by (sy, sx) in [-pad, pad], zero-filled.
-            sy, sx = rng.randint(-self.pad, self.pad), rng.randint(-self.pad, self.pad)
-            out = torch.zeros_like(x)
-            out[:, :, max(0, -sy) : height - max(0, sy), max(0, -sx) : width - max(0, sx)] = x[
-                :, :, max(0, sy) : height - max(0, -sy), max(0, sx) : width - max(0, -sx)
-            ]
-            x = out
+            params[SHIFT_Y], params[SHIFT_X] = rng.randint(-self.pad, self.pad), rng.randint(-self.pad, self.pad)
         if self.color_jitter > 0:
             s = self.color_jitter
-            brightness, contrast, saturation = (rng.uniform(1 - s, 1 + s) for _ in range(3))
-            # In place: x is this call's own buffer, and full-size temporaries dominate the cost.
-            x.mul_(brightness).clamp_(0.0, 1.0)
-            mean_grey = _grey(x).mean(dim=(2, 3), keepdim=True)  # (T, 1, 1, 1)
-            x.sub_(mean_grey).mul_(contrast).add_(mean_grey).clamp_(0.0, 1.0)
-            grey = _grey(x)
-            x.sub_(grey).mul_(saturation).add_(grey).clamp_(0.0, 1.0)
-        return x
+            params[BRIGHTNESS : SATURATION + 1] = [rng.uniform(1 - s, 1 + s) for _ in range(3)]
+        if rng.random() < self.erase_p:
+            params[TOP : WIDTH + 1] = self._erase_box(rng)
+        return torch.tensor(params)
 
-    def _erase(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        """Zero one random box (the same in every frame) of (T, 3, H, W); no-op if no box fits."""
+    def _erase_box(self, rng: random.Random) -> list[float]:
+        """(top, left, height, width) of one random box, or zeros if none fits."""
         height, width = self.image_size
         area = height * width
         for _ in range(_ERASE_ATTEMPTS):
@@ -135,7 +132,75 @@ class TrackletTransform:
             ratio = math.exp(rng.uniform(math.log(_ERASE_RATIO[0]), math.log(_ERASE_RATIO[1])))
             h, w = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
             if 0 < h < height and 0 < w < width:
-                top, left = rng.randint(0, height - h), rng.randint(0, width - w)
-                x[:, :, top : top + h, left : left + w] = 0.0
-                return x
+                return [rng.randint(0, height - h), rng.randint(0, width - w), h, w]
+        return [0.0, 0.0, 0.0, 0.0]
+
+    # ---------------------------------------------------------------------------------------- device side
+    def augment(self, frames: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Apply each tracklet's parameters to its frames, batched, and normalise.
+
+        Args:
+            frames: (B, T, 3, H, W) uint8.
+            params: (B, NUM_PARAMS) from :meth:`draw`.
+
+        Returns:
+            (B, T, 3, H, W) float32, normalised.
+        """
+        b, t, c, h, w = frames.shape
+        p = params.to(device=frames.device, dtype=torch.float32)
+        if self.flip_p > 0 or self.pad > 0:
+            # out[y, x] = in[y + sy, x + sx] (after the flip), zero where that falls outside the frame: one gather
+            # of uint8 pixels through a per-tracklet (H * W) source map shared by all frames and channels.
+            ys = torch.arange(h, device=frames.device)[None] + p[:, SHIFT_Y, None].long()  # (B, H)
+            xs = torch.arange(w, device=frames.device)[None] + p[:, SHIFT_X, None].long()  # (B, W)
+            inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]  # (B, H, W)
+            xs = torch.where(p[:, FLIP, None] > 0, w - 1 - xs, xs)
+            source = ys.clamp(0, h - 1)[:, :, None] * w + xs.clamp(0, w - 1)[:, None, :]  # (B, H, W)
+            pixels = frames.reshape(b, t * c, h * w)  # (B, T, 3, H, W) -> (B, T*3, H*W)
+            moved = pixels.gather(2, source.view(b, 1, h * w).expand(b, t * c, h * w))
+            frames = moved.view(b, t, c, h, w).mul_(inside[:, None, None])  # (B, H, W) -> (B, 1, 1, H, W)
+        if self.color_jitter > 0:
+            # Brightness x * f (folded into the uint8 -> [0, 1] scaling), then contrast and saturation as
+            # (x - m) * f + m = lerp(x, m, 1 - f) with m the frame's mean grey or the pixel's grey, each clamped.
+            f = p[:, BRIGHTNESS : SATURATION + 1, None, None, None, None]  # (B, 3, 1, 1, 1, 1)
+            x = frames.float().mul_(f[:, 0] / 255.0).clamp_(0.0, 1.0)
+            mean_grey = _grey(x).mean(dim=(-2, -1), keepdim=True)  # (B, T, 1, 1, 1)
+            x.lerp_(mean_grey.expand_as(x), 1 - f[:, 1]).clamp_(0.0, 1.0)
+            x.lerp_(_grey(x).expand_as(x), 1 - f[:, 2]).clamp_(0.0, 1.0)
+        else:
+            x = frames.float().div_(255.0)
+        x = _normalize01(x)
+        if self.erase_p > 0:
+            top, left, eh, ew = (p[:, i, None] for i in (TOP, LEFT, HEIGHT, WIDTH))  # (B, 1) each
+            ys = torch.arange(h, device=x.device)[None]
+            xs = torch.arange(w, device=x.device)[None]
+            box = ((ys >= top) & (ys < top + eh))[:, :, None] & ((xs >= left) & (xs < left + ew))[:, None, :]
+            x.masked_fill_(box[:, None, None], 0.0)  # (B, H, W) -> (B, 1, 1, H, W)
         return x
+
+    def __call__(self, images: list[np.ndarray | Image.Image], rng: random.Random | None = None) -> torch.Tensor:
+        """Transform one tracklet in one call (tools and tests; the loader splits this across processes).
+
+        Args:
+            images: T frames, (h, w, 3) uint8 arrays or PIL images of any size.
+            rng: source of every random decision; required in training mode.
+
+        Returns:
+            Float32 tensor (T, 3, H, W), normalised.
+        """
+        if not images:
+            raise ValueError("TrackletTransform got an empty list of frames")
+        if self.training and rng is None:
+            raise ValueError("TrackletTransform(training=True) needs an rng")
+        height, width = self.image_size
+        arrays = []
+        for image in images:
+            image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+            if image.size != (width, height):
+                image = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+            arrays.append(np.asarray(image.convert("RGB")))
+        clip = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W)
+        params = self.draw(rng) if self.training else None
+        if params is None:
+            return normalize_clip(clip)
+        return self.augment(clip[None], params[None])[0]  # (1, T, 3, H, W) -> (T, 3, H, W)
