@@ -171,8 +171,7 @@ class FarReIDCLI(LightningCLI):
         self._resolve_ckpt_path(cfg, subcommand, ckpt_dir)
         if subcommand in ("test", "predict"):
             self._classifier_from_checkpoint(cfg)
-        if subcommand == "fit" and is_launcher_process():
-            self.run_lock = RunLock(root)
+        self._lock_dir = root if subcommand == "fit" and is_launcher_process() else None
         run_dir = new_run_dir(root, subcommand)
         cfg.trainer.default_root_dir = str(run_dir)
         cfg.checkpointing.dirpath = str(ckpt_dir)
@@ -267,10 +266,10 @@ class FarReIDCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
+        lock = RunLock(self._lock_dir) if getattr(self, "_lock_dir", None) else None
         try:
             super()._run_subcommand(subcommand)
         finally:
-            lock = getattr(self, "run_lock", None)
             if lock is not None:
                 lock.release()
 
