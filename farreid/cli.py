@@ -201,16 +201,16 @@ class FarReIDCLI(LightningCLI):
 
     def _classifier_from_checkpoint(self, cfg: Namespace) -> None:
         """Retrieval never uses the classifier: take its width from the checkpoint, or 1 without train/."""
-        if cfg.data.get("num_classes"):
+        if cfg.data.get("classifier_size"):
             return
         if cfg.get("ckpt_path"):
             hparams = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True).get(
                 "hyper_parameters", {}
             )
             if hparams.get("num_classes"):
-                cfg.data.num_classes = int(hparams["num_classes"])
+                cfg.data.classifier_size = int(hparams["num_classes"])
         elif cfg.data.get("root") and not (Path(cfg.data.root) / "train").is_dir():
-            cfg.data.num_classes = 1
+            cfg.data.classifier_size = 1
 
     @staticmethod
     def _route_loggers(cfg: Namespace, run_dir: Path) -> None:

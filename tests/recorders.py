@@ -43,6 +43,7 @@ class Recorder(Callback):
                 "batch": batch_idx,
                 "rank": trainer.global_rank,
                 "index": batch["index"].tolist(),
+                "label": batch["label"].tolist(),
                 "step": trainer.global_step,
             }
         )

@@ -65,7 +65,7 @@ class DetReIDXDataModule(L.LightningDataModule):
             ``benchmarks/scale.py`` and the README for the measurement behind the demo's choice.
         max_unreadable: share of an evaluation set's (or the training set's) tracklets that may have no
             decodable frame before the run stops with an error listing them (farreid choice: 1%, issue 10).
-        num_classes: the classifier width when this run does not train (``test``/``predict``: the farreid CLI
+        classifier_size: the classifier width when this run does not train (``test``/``predict``: the farreid CLI
             reads it from the checkpoint, so no ``train/`` folder is needed); None = count training identities.
     """
 
@@ -92,7 +92,7 @@ class DetReIDXDataModule(L.LightningDataModule):
         index_cache_dir: str | None = None,
         max_unreadable: float = 0.01,
         compute_threads: int | None = None,
-        num_classes: int | None = None,
+        classifier_size: int | None = None,
     ) -> None:
         super().__init__()
         root = root or os.environ.get(ROOT_ENV)
@@ -149,8 +149,8 @@ class DetReIDXDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         """Number of training identities (after the validation hold-out): the classifier's width."""
-        if self.hparams.num_classes:
-            return self.hparams.num_classes
+        if self.hparams.classifier_size:
+            return self.hparams.classifier_size
         return len(self._identity_split[0])
 
     def setup(self, stage: str) -> None:
