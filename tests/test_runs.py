@@ -72,7 +72,10 @@ def test_fit_then_test_exit_zero_and_each_run_gets_its_own_directory(data_root, 
     assert len(fit_dirs) == 1 and len(test_dirs) == 1
     assert (fit_dirs[0] / "config.yaml").is_file() and (test_dirs[0] / "config.yaml").is_file()
     assert "fit" in (fit_dirs[0] / "config.yaml").read_text()  # test did not overwrite the fit's config
-    assert (test_dirs[0] / "results.json").is_file()
+    results = json.loads((test_dirs[0] / "results.json").read_text())
+    assert results["run"]["checkpoint"] == str(root / "checkpoints" / "last.ckpt")  # what was tested
+    assert "git_commit" in results["run"] and "num_frames_test" in results["run"]["config"]
+    assert 0.0 <= results["overall"]["mAP"] <= 1.0
     # `fit && test` chains work in a shell that stops on the first failure
     chained = subprocess.run(["bash", "-c", "set -e; true && exit 0"], capture_output=True)
     assert chained.returncode == 0

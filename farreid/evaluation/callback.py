@@ -155,6 +155,7 @@ class ReIDEvaluator(Callback):
         self._outputs: list[dict] = []
         self._said_sanity = False
         self.last_results: dict = {}
+        self.run_info: dict = {}
 
     # ------------------------------------------------------------------------------------ collection
     def _reset(self, *_args) -> None:
@@ -358,7 +359,8 @@ class ReIDEvaluator(Callback):
         if breakdown:
             self.last_results["breakdown"] = breakdown
         path = out_dir / "results.json"
-        path.write_text(json.dumps(self.last_results, indent=2))
+        # run_info (set by the farreid CLI): the checkpoint tested, the git commit and the resolved config
+        path.write_text(json.dumps({**self.last_results, "run": self.run_info}, indent=2))
         print(f"[farreid] results written to {path}")
         if self.figures:
             paths = write_figures(out_dir / "figures", eval_set, weights, report, self.figure_queries)
