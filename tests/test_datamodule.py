@@ -169,3 +169,23 @@ def test_compute_threads_policy(root, tmp_path, monkeypatch):
         assert seen == [1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_evaluation_clips_are_the_first_frame_of_each_block_every_time(root, tmp_path):
+    """Evaluation is deterministic: clip = the first frame of each of T blocks (no random frame, no augmentation),
+    the same on every pass, whatever training augmentations the data module was given."""
+    from farreid.data.sampling import frame_indices
+    from farreid.data.transforms import load_frame
+
+    dm = _datamodule(root, tmp_path, color_jitter=0.4, flip_p=1.0, erase_p=1.0, num_frames_test=4)
+    dm.setup("test")
+    loader = dm.test_dataloader()
+    first = [b["frames"].clone() for b in loader]
+    second = [b["frames"].clone() for b in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    tracklets = dm.eval_sets["test"].tracklets
+    frames = torch.cat(first)
+    for i in (0, len(tracklets) // 2, len(tracklets) - 1):
+        indices, _ = frame_indices(len(tracklets[i].frames), 4, training=False, rng=None)
+        expected = np.stack([load_frame(tracklets[i].frames[j], (32, 16)) for j in indices])  # (T, H, W, 3)
+        assert torch.equal(frames[i], torch.from_numpy(expected).permute(0, 3, 1, 2)), i
