@@ -12,14 +12,15 @@ TORCH_CPU ?= torch==2.13.0
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed ## create .venv with the CPU build of torch and farreid[dev] (editable)
+install: $(VENV)/.installed ## create .venv with the CPU build of torch and farreid[cpu,dev] (editable)
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# The CPU wheel first: the range in pyproject then installs nothing heavier (no multi-GB CUDA build).
 	$(PY) -m pip install -q $(TORCH_CPU)
-	$(PY) -m pip install -q -e '.[dev]'
+	@# `cpu` = the CPU FAISS wheel; a GPU machine installs `.[gpu]` instead (one FAISS wheel either way).
+	$(PY) -m pip install -q -e '.[cpu,dev]'
 	@touch $@
 
 demo-data: install ## generate the DetReIDX-format demo dataset in $(DEMO_ROOT) if missing
@@ -31,7 +32,7 @@ demo: demo-data ## set up, generate demo data, score the untrained model, fit, t
 test: install ## the fast test tier (CPU, hermetic)
 	$(VENV)/bin/pytest -q -m "not slow and not gpu"
 
-test-slow: install ## the slow tier (longer CPU runs)
+test-slow: install ## the slow tier (longer CPU runs, e.g. ONNX export at the recipe's clip size)
 	$(VENV)/bin/pytest -q -m "slow"
 
 lint: install ## ruff check + format check

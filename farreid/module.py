@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.core.mixins import hparams_mixin
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
 
+from farreid.data.transforms import normalize_clip
 from farreid.losses import BatchHardTripletLoss, SupConLoss, scaled_logits
 from farreid.models.backbone import CLIPVisionBackbone
 from farreid.models.heads import BNNeck
-from farreid.models.pooling import TemporalAttentionPooling
+from farreid.models.pooling import TemporalAttentionPooling, TemporalPooling
 from farreid.models.text import TextPromptLearner
 from farreid.optim import apply_lr_mult, param_groups, warmup_cosine, warmup_multistep
 
@@ -48,8 +51,9 @@ class ReIDModule(L.LightningModule):
 
     Args:
         backbone: the vision tower (adapters, prompts and selective fine-tuning are configured on it).
-        pooling: builds the temporal pooling from the embedding width (``TemporalAttentionPooling`` or
-            ``MeanPooling``); its frame weights also pool the projection and the intermediate CLS.
+        pooling: builds the temporal pooling (a :class:`~farreid.models.pooling.TemporalPooling`:
+            ``TemporalAttentionPooling`` or ``MeanPooling``) from the embedding width; its frame weights also pool
+            the projection and the intermediate CLS.
         num_classes: training identities; linked from ``data.num_classes`` by the CLI.
         text: builds the text prompt learner from ``num_classes``; None trains without text supervision.
         stage: 1 = learn the text prompts on the frozen image side, 2 = train the image side.
@@ -75,12 +79,17 @@ class ReIDModule(L.LightningModule):
         warmup_factor: LR factor at the start of the multistep warm-up. lr_milestones, lr_gamma: its decay.
         flip_tta: average the embedding of each clip with its horizontal flip at test time.
         eval_feature: "bn" (after the BNNeck) or "raw" (before) for the retrieval embedding.
+        stage1_features: image features of stage 1. ``"cached"`` (default, as CLIP-ReID): each training
+            tracklet's feature is computed once, before the first step, from its un-augmented clip (the evaluation
+            frames and transform) and the prompts train on these; training batches then decode no frame.
+            ``"online"``: the frozen image side runs on every augmented training clip at every step. Each process
+            computes the whole cache (one un-augmented pass over the training set).
     """
 
     def __init__(
         self,
         backbone: CLIPVisionBackbone,
-        pooling: Callable[[int], nn.Module] = TemporalAttentionPooling,
+        pooling: Callable[[int], TemporalPooling] = TemporalAttentionPooling,
         num_classes: int = 0,
         text: Callable[[int], TextPromptLearner] | None = None,
         stage: int = 2,
@@ -108,6 +117,7 @@ class ReIDModule(L.LightningModule):
         lr_gamma: float = 0.1,
         flip_tta: bool = True,
         eval_feature: str = "bn",
+        stage1_features: str = "cached",
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -125,7 +135,9 @@ class ReIDModule(L.LightningModule):
         ):
             if value not in allowed:
                 raise ValueError(f"model.{key} must be one of {list(allowed)}, got {value!r}")
-        self.save_hyperparameters(ignore=["backbone", "pooling", "text", "optimizer"])
+        if stage1_features not in ("cached", "online"):
+            raise ValueError(f"model.stage1_features must be 'cached' or 'online', got {stage1_features!r}")
+        self._save_hyperparameters()
         self.backbone = backbone
         self.pooling = pooling(backbone.embed_dim)
         self.head_cls = BNNeck(backbone.embed_dim, num_classes)
@@ -135,11 +147,26 @@ class ReIDModule(L.LightningModule):
         self.triplet_loss = BatchHardTripletLoss(margin=triplet_margin, metric="cosine")
         self.supcon = SupConLoss()
         self.register_buffer("text_bank", torch.empty(0), persistent=False)
+        # Stage 1, cached: (N, P) L2-normalised image features, row i for training tracklet i.
+        self.register_buffer("image_bank", torch.empty(0), persistent=False)
         if stage == 1:  # only the text context vectors learn in stage 1
             for part in (self.backbone, self.pooling, self.head_cls, self.head_proj):
                 part.requires_grad_(False)
         elif self.text is not None:
             self.text.requires_grad_(False)
+
+    def _save_hyperparameters(self) -> None:
+        """Save the init arguments; ``backbone``/``pooling``/``text`` only as configs, never as objects.
+
+        Built by LightningCLI, the saved values are the config (``class_path`` + ``init_args`` of each part), so that
+        ``ReIDModule.load_from_checkpoint(path)`` rebuilds the whole model (``farreid embed``/``export``). Built in
+        Python, the parts are objects (a module, a class, a lambda): not hyperparameters, and never deep-copied.
+        """
+        # Lightning's hand-over of the CLI config to save_hyperparameters (a context variable set while the CLI
+        # instantiates the model); if a later Lightning renames it, the parts are simply not saved.
+        given = getattr(hparams_mixin, "_given_hyperparameters", None)
+        from_config = given is not None and given.get() is not None
+        self.save_hyperparameters(ignore=["optimizer"] if from_config else ["backbone", "pooling", "text", "optimizer"])
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, frames: torch.Tensor, camids: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
@@ -185,8 +212,20 @@ class ReIDModule(L.LightningModule):
             return F.normalize(feats, dim=1), weights
 
     # ---------------------------------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        # One clip of the configured geometry: Lightning's model summary then counts real FLOPs instead of 0.
+        data = getattr(getattr(self._trainer, "datamodule", None), "hparams", {})
+        if stage == "fit" and "image_size" in data and "num_frames" in data:
+            height, width = data["image_size"]
+            frames = torch.zeros(1, data["num_frames"], 3, height, width)  # (B=1, T, 3, H, W)
+            self.example_input_array = (frames, torch.zeros(1, dtype=torch.long))
+
     def on_fit_start(self) -> None:
-        if self.text is None or self.hparams.stage == 1:
+        if self.hparams.stage == 1:
+            if self.hparams.stage1_features == "cached":
+                self.image_bank = self.cache_image_features(self.trainer.datamodule.cached_feature_loader())
+            return
+        if self.text is None:
             return
         path = self.hparams.text_prompts
         if path is None:
@@ -237,9 +276,53 @@ class ReIDModule(L.LightningModule):
             f"batch {batch_idx}); this rank's terms: {parts}. Lower the learning rate or check the input frames."
         )
 
+    @torch.no_grad()
+    def cache_image_features(self, loader: Iterable[dict]) -> torch.Tensor:
+        """Stage 1's image features, computed once: the pooled projection of every clip ``loader`` yields.
+
+        Args:
+            loader: batches with ``frames``, ``camid``, ``mask`` and ``index`` (row of the result), covering
+                indices 0..N-1 (the un-augmented training clips, in the training set's order).
+
+        Returns:
+            (N, P) float32 L2-normalised features on the module's device.
+        """
+        was_training = self.training
+        self.eval()
+        start, rows, indices = time.perf_counter(), [], []
+        context = self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
+        with context:
+            for batch in loader:
+                frames, camid = batch["frames"].to(self.device), batch["camid"].to(self.device)
+                if frames.dtype == torch.uint8:  # the loaders' clips, normalised on the device
+                    frames = normalize_clip(frames)
+                mask = batch["mask"].to(self.device) if "mask" in batch else None
+                rows.append(F.normalize(self(frames, camid, mask)["proj"].float(), dim=1))
+                indices.append(torch.as_tensor(batch["index"], device=self.device))
+        self.train(was_training)
+        index = torch.cat(indices)
+        if not torch.equal(index.sort().values, torch.arange(len(index), device=index.device)):
+            raise RuntimeError(
+                f"stage-1 feature cache: the loader yielded indices {index.tolist()[:10]}..., "
+                f"expected each of 0..{len(index) - 1} once"
+            )
+        bank = torch.empty(len(index), rows[0].shape[1], device=self.device)
+        bank[index] = torch.cat(rows)
+        rank_zero_info(
+            f"[farreid] stage 1: cached the image features of {len(index)} training tracklets "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
+        return bank
+
     def _stage1_losses(self, batch: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            image = F.normalize(self(batch["frames"], batch["camid"], batch.get("mask"))["proj"].float(), dim=1)
+        if self.image_bank.numel() > 0:
+            image = self.image_bank[batch["index"]]  # cached, already normalised
+        else:
+            if "frames" not in batch:
+                raise RuntimeError("stage 1: this batch has no frames and no image features were cached")
+            with torch.no_grad():
+                out = self(batch["frames"], batch["camid"], batch.get("mask"))
+                image = F.normalize(out["proj"].float(), dim=1)
         text = F.normalize(self.text(labels).float(), dim=1)
         scale = self.hparams.logit_scale
         return {
@@ -433,6 +516,8 @@ class ReIDModule(L.LightningModule):
                 model missing from the checkpoint (refilling it from the pretrained directory would silently
                 replace fine-tuned weights with CLIP's).
         """
+        # The clip geometry the model was trained/evaluated with, for farreid.tools.embed (no datamodule needed).
+        self.data_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
         state = checkpoint["state_dict"]
         own = self.state_dict()
         unknown = sorted(set(state) - set(own))

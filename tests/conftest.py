@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random CLIP model saved locally, so no test ever touches a hub."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -30,15 +31,40 @@ TINY_TEXT_CONFIG: dict = {
 }
 
 
+# The words of the default prompt template, with "x" the placeholder of the context tokens.
+TEMPLATE_WORDS = ("a", "photo", "of", "x", "person", ".")
+
+
+def write_clip_bpe(path: Path, bos_token_id: int, eos_token_id: int, words=TEMPLATE_WORDS) -> dict[str, int]:
+    """Write vocab.json/merges.txt of a CLIP BPE that knows `words` (each merged left to right); returns the vocab."""
+    vocab: dict[str, int] = {}
+    merges: list[str] = []
+    for word in words:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        for piece in pieces:
+            vocab.setdefault(piece, len(vocab))
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merges.append(f"{merged} {piece}")
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    vocab |= {"<|startoftext|>": bos_token_id, "<|endoftext|>": eos_token_id}
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return vocab
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding a tiny random `CLIPModel` written with `save_pretrained` (seeded, so reproducible)."""
+    """A directory holding a tiny random `CLIPModel` written with `save_pretrained` (seeded, so reproducible) and
+    its tokenizer, as a real CLIP directory has."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
     config = CLIPConfig(text_config=TINY_TEXT_CONFIG, vision_config=TINY_VISION_CONFIG, projection_dim=16)
     path = tmp_path_factory.mktemp("tiny_clip")
     CLIPModel(config).save_pretrained(path)
+    write_clip_bpe(path, TINY_TEXT_CONFIG["bos_token_id"], TINY_TEXT_CONFIG["eos_token_id"])
     return path
 
 

@@ -1,6 +1,7 @@
 """TextPromptLearner: prompt substitution and EOS pooling match HF, only the context trains, local loading."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from farreid.models.text import TextPromptLearner
+from tests.conftest import write_clip_bpe
 
 # Tiny text tower; the special ids are the two largest, as in CLIP's vocabulary.
 TEXT = {
@@ -38,22 +40,8 @@ def save_tiny_clip(path: Path, **text_overrides: int) -> CLIPModel:
 
 
 def save_tiny_tokenizer(path: Path) -> dict[str, int]:
-    """Write vocab.json/merges.txt of a CLIP BPE that knows WORDS (each merged left to right); returns the vocab."""
-    vocab: dict[str, int] = {}
-    merges: list[str] = []
-    for word in WORDS:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        for piece in pieces:
-            vocab.setdefault(piece, len(vocab))
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            merges.append(f"{merged} {piece}")
-            merged += piece
-            vocab.setdefault(merged, len(vocab))
-    vocab |= {"<|startoftext|>": TEXT["bos_token_id"], "<|endoftext|>": TEXT["eos_token_id"]}
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return vocab
+    """Write vocab.json/merges.txt of a CLIP BPE that knows WORDS; returns the vocab."""
+    return write_clip_bpe(path, TEXT["bos_token_id"], TEXT["eos_token_id"], WORDS)
 
 
 def tiny_learner(num_classes: int = 5, n_ctx: int = 4) -> TextPromptLearner:
@@ -132,8 +120,8 @@ def test_bf16_autocast_close_to_fp32() -> None:
 
 def test_load_clipmodel_dir_has_every_text_weight(tmp_path: Path) -> None:
     clip = save_tiny_clip(tmp_path)
-    with pytest.warns(UserWarning, match="no tokenizer"):
-        learner = TextPromptLearner(pretrained=str(tmp_path), num_classes=3)
+    save_tiny_tokenizer(tmp_path)
+    learner = TextPromptLearner(pretrained=str(tmp_path), num_classes=3)
     reference = {k: v for k, v in clip.state_dict().items() if k.startswith(("text_model.", "text_projection."))}
     loaded = learner.tower.state_dict()
     assert loaded.keys() == reference.keys()
@@ -146,8 +134,8 @@ def test_load_text_with_projection_dir(tmp_path: Path) -> None:
     torch.manual_seed(0)
     tower = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT, projection_dim=8))
     tower.save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match="no tokenizer"):
-        learner = TextPromptLearner(pretrained=str(tmp_path), num_classes=2)
+    save_tiny_tokenizer(tmp_path)
+    learner = TextPromptLearner(pretrained=str(tmp_path), num_classes=2)
     assert all(torch.equal(v, tower.state_dict()[k]) for k, v in learner.tower.state_dict().items())
     assert learner.proj_dim == 8
 
@@ -168,6 +156,13 @@ def test_tokenizer_directory_template_and_forward(tmp_path: Path, eos_token_id: 
     assert learner.token_ids.tolist() == [vocab[t] for t in [*tokens, "<|endoftext|>"]]
     assert (learner.start, learner.eos_position) == (5, 10)
     assert_matches_hf(learner, torch.tensor([[vocab["photo</w>"], vocab["of</w>"], vocab["a</w>"]], [1, 2, 3]]))
+
+
+def test_pretrained_tower_without_tokenizer_is_refused(tmp_path: Path) -> None:
+    save_tiny_clip(tmp_path)
+    (tmp_path / "vocab.json").write_text("{}")  # half a BPE tokenizer is no tokenizer
+    with pytest.raises(FileNotFoundError, match=r"no CLIP tokenizer .*save_pretrained\('" + re.escape(str(tmp_path))):
+        TextPromptLearner(pretrained=str(tmp_path), num_classes=2)
 
 
 def test_placeholder_word_in_template_is_rejected(tmp_path: Path) -> None:
@@ -193,3 +188,37 @@ def test_exactly_one_source_required(tmp_path: Path) -> None:
 def test_train_mode_keeps_tower_in_eval() -> None:
     learner = tiny_learner().train()
     assert learner.training and not learner.tower.training
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP byte-level BPE alphabet: printable Latin-1 bytes stand for themselves, the other bytes for code
+    points from 256 up, in byte order; listed printable bytes first, as CLIP's vocabulary starts."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def write_real_clip_bpe(gz: Path, out: Path) -> None:
+    """vocab.json + merges.txt of CLIP's 49408-token vocabulary from open_clip's bpe_simple_vocab_16e6.txt.gz."""
+    import gzip
+
+    lines = gzip.open(gz, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # CLIP keeps the first 48894 merges
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+@pytest.mark.skipif(
+    not os.environ.get("FARREID_CLIP_BPE"), reason="set FARREID_CLIP_BPE=.../bpe_simple_vocab_16e6.txt.gz"
+)
+def test_real_clip_vocabulary_tokenises_the_template(tmp_path: Path) -> None:
+    """With CLIP's real BPE (from the open-clip-torch wheel, no download in the test) the template gets CLIP's ids."""
+    write_real_clip_bpe(Path(os.environ["FARREID_CLIP_BPE"]), tmp_path)
+    save_tiny_clip(tmp_path, vocab_size=49408, bos_token_id=49406, eos_token_id=49407)
+    learner = TextPromptLearner(pretrained=str(tmp_path), num_classes=2, n_ctx=4)
+    # CLIP's ids of "a photo of a x x x x person." (a=320, photo=1125, of=539, x=343, person=2533, .=269).
+    assert learner.token_ids.tolist() == [49406, 320, 1125, 539, 320, 343, 343, 343, 343, 2533, 269, 49407]
+    assert (learner.start, learner.eos_position) == (5, 11)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from farreid.data.dataset import TrackletDataset
 from farreid.data.detreidx import CASES, Tracklet, case_split, read_split
 from farreid.data.index_cache import cache_path, cached_split, default_cache_dir
+from farreid.data.label_view import LabelView
 from farreid.data.protocols import EvalSet, released_cases, split_identities, validation_cases
 from farreid.data.sampling import IdentityBatchSampler
 from farreid.data.transforms import TrackletTransform, normalize_clip
@@ -278,6 +279,29 @@ class DetReIDXDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.hparams.num_workers > 0,  # workers kept across validations
         )
+
+    # ------------------------------------------------ stage 1 on cached features (issue 11, farreid.module)
+    def cached_feature_loader(self) -> DataLoader:
+        """Switch training to labels only and return the loader to compute stage 1's cached image features from.
+
+        After the call, training items carry ``index``/``label``/``pid``/``camid`` and no frame is decoded
+        (:class:`LabelView`). The returned loader yields every training tracklet once as an un-augmented clip
+        (evaluation frame selection, uint8 frames to normalise on the device, the training ``num_frames``), its
+        ``index`` the row of the cache.
+        """
+        if self.train_set is None:
+            self.setup("fit")
+        base = self.train_set.dataset if isinstance(self.train_set, LabelView) else self.train_set
+        clips = TrackletDataset(
+            base.tracklets,
+            num_frames=self.hparams.num_frames,
+            training=False,
+            transform=self._transform(training=False),
+            labels=base.labels,
+            max_unreadable=self.hparams.max_unreadable,
+        )
+        self.train_set = LabelView(base, decoded=clips)
+        return DataLoader(clips, batch_size=self.hparams.batch_size_test, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader("val") if "val" in self.eval_sets else []

@@ -326,7 +326,7 @@ class ReIDEvaluator(Callback):
             title = f"{prefix} (checkpoint)"
         print(self._table(summaries, notes, title, len(full_set)))
         if stage == "test":
-            self._report_test(trainer, out_dir, eval_set, gathered.weights.cpu(), report)
+            self._report_test(trainer, out_dir, eval_set, gathered.weights.cpu(), report, gathered.features.cpu())
 
     def _log(self, pl_module: L.LightningModule, prefix: str, summaries: dict, notes: dict) -> None:
         """Log ``<prefix>[/rerank]/<case>/<metric>`` and ``<prefix>/unreadable`` (same values on every rank)."""
@@ -353,7 +353,9 @@ class ReIDEvaluator(Callback):
             )
         return "\n".join(lines)
 
-    def _report_test(self, trainer, out_dir: Path, eval_set: EvalSet, weights: torch.Tensor, report: dict) -> None:
+    def _report_test(
+        self, trainer, out_dir: Path, eval_set: EvalSet, weights: torch.Tensor, report: dict, feats=None
+    ) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         breakdown = metadata_breakdowns(eval_set, report["plain"][1]["cases"])
         if breakdown:
@@ -363,7 +365,7 @@ class ReIDEvaluator(Callback):
         path.write_text(json.dumps({**self.last_results, "run": self.run_info}, indent=2))
         print(f"[farreid] results written to {path}")
         if self.figures:
-            paths = write_figures(out_dir / "figures", eval_set, weights, report, self.figure_queries)
+            paths = write_figures(out_dir / "figures", eval_set, weights, report, self.figure_queries, feats)
             print(f"[farreid] figures written to {out_dir / 'figures'} ({len(paths)} files)")
             for logger in trainer.loggers:
                 if hasattr(logger, "log_image"):

@@ -83,8 +83,11 @@ def plot_ranked_lists(
     correct: np.ndarray,
     path: str | Path,
     frames_per_tracklet: int = 4,
+    query_labels: Sequence[str] | None = None,
+    gallery_labels: Sequence[Sequence[str]] | None = None,
+    title: str | None = None,
 ) -> Path:
-    """Each query tracklet followed by its top-10 gallery tracklets, framed green (correct) or red (wrong).
+    """Each query tracklet followed by its top-ranked gallery tracklets, framed green (correct) or red (wrong).
 
     Args:
         query_frames: Q lists of frame paths.
@@ -92,40 +95,56 @@ def plot_ranked_lists(
         correct: (Q, R) bool, whether the r-th ranked gallery tracklet has the query's identity.
         path: output PNG.
         frames_per_tracklet: evenly spaced frames shown per tracklet.
+        query_labels: per query, a caption (e.g. its AP, ID, camera, altitude, distance); "query" if None.
+        gallery_labels: per query and rank, a caption (e.g. distance, ID, camera); "rank r" if None.
+        title: figure title.
     """
     correct = np.asarray(correct, dtype=bool)
     num_query = len(query_frames)
     if len(gallery_frames) != num_query or correct.shape[0] != num_query:
         raise ValueError(f"{num_query} queries but {len(gallery_frames)} ranked lists and correct {correct.shape}")
+    if query_labels is not None and len(query_labels) != num_query:
+        raise ValueError(f"{num_query} queries but {len(query_labels)} query labels")
+    if gallery_labels is not None and [len(row) for row in gallery_labels] != [len(row) for row in gallery_frames]:
+        raise ValueError("gallery_labels must have one caption per ranked gallery tracklet")
     columns = 1 + max((len(row) for row in gallery_frames), default=0)
-    figure = Figure(figsize=(1.1 * frames_per_tracklet * columns / 2, 1.6 * num_query + 0.2))
+    figure = Figure(figsize=(1.1 * frames_per_tracklet * columns / 2, 2.0 * num_query + 0.5))
     grid = figure.subplots(num_query, columns, squeeze=False)
     for q in range(num_query):
-        _frame_axes(grid[q, 0], _strip(query_frames[q], frames_per_tracklet), title="query")
+        caption = query_labels[q] if query_labels is not None else "query"
+        _frame_axes(grid[q, 0], _strip(query_frames[q], frames_per_tracklet), colour="#1f77b4", title=caption)
         for r in range(columns - 1):
             if r >= len(gallery_frames[q]):
                 grid[q, r + 1].set_axis_off()
                 continue
             colour = _CORRECT if correct[q, r] else _WRONG
             image = _strip(gallery_frames[q][r], frames_per_tracklet)
-            _frame_axes(grid[q, r + 1], image, colour=colour, title=f"rank {r + 1}")
+            caption = gallery_labels[q][r] if gallery_labels is not None else f"rank {r + 1}"
+            _frame_axes(grid[q, r + 1], image, colour=colour, title=caption)
+    if title:
+        figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return _save(figure, path)
 
 
-def plot_attention(frames: list[list[str]], weights: list[np.ndarray], path: str | Path) -> Path:
-    """Frames of a few tracklets above bars of their temporal attention weights.
+def plot_attention(
+    frames: list[list[str]], weights: list[np.ndarray], path: str | Path, labels: Sequence[str] | None = None
+) -> Path:
+    """Frames of a few tracklets, each frame above the bar of its temporal attention weight.
 
     Args:
         frames: per tracklet, its T sampled frame paths (the frames the weights refer to).
         weights: per tracklet, (T,) attention weights (softmax over T, so they sum to 1).
         path: output PNG.
+        labels: per tracklet, a caption (name, ID, view, altitude, distance); "tracklet i" if None.
     """
     if len(frames) != len(weights):
         raise ValueError(f"{len(frames)} tracklets of frames but {len(weights)} weight vectors")
+    if labels is not None and len(labels) != len(frames):
+        raise ValueError(f"{len(frames)} tracklets but {len(labels)} labels")
     rows = max(len(frames), 1)
     longest = max((len(tracklet) for tracklet in frames), default=1)
-    figure = Figure(figsize=(max(4.0, 0.75 * longest), 2.4 * rows))
+    figure = Figure(figsize=(max(4.0, 0.75 * longest), 2.6 * rows))
     grid = figure.subplots(2 * rows, 1, squeeze=False, gridspec_kw={"height_ratios": [2, 1] * rows})
     for i, (tracklet, weight) in enumerate(zip(frames, weights, strict=True)):
         weight = np.asarray(weight, dtype=float).ravel()
@@ -133,7 +152,7 @@ def plot_attention(frames: list[list[str]], weights: list[np.ndarray], path: str
             raise ValueError(f"tracklet {i}: {len(tracklet)} frames but {weight.size} attention weights")
         # The strip spans the same x range as the bars, so each frame sits above its own weight.
         strip = grid[2 * i, 0]
-        _frame_axes(strip, _strip(tracklet, None), title=f"tracklet {i}")
+        _frame_axes(strip, _strip(tracklet, None), title=labels[i] if labels is not None else f"tracklet {i}")
         strip.images[0].set_extent((-0.5, weight.size - 0.5, 0, 1))
         strip.set_aspect("auto")
         strip.set_xlim(-0.5, weight.size - 0.5)
@@ -141,7 +160,10 @@ def plot_attention(frames: list[list[str]], weights: list[np.ndarray], path: str
         bars = grid[2 * i + 1, 0]
         bars.bar(np.arange(weight.size), weight, width=0.8, color="#1f77b4")
         bars.axhline(1.0 / weight.size, color="grey", linestyle="--", linewidth=0.8)  # the uniform (mean) weight
+        for x, w in enumerate(weight):
+            bars.annotate(f"{w:.2f}", (x, w), ha="center", va="bottom", fontsize=6)
         bars.set_xlim(-0.5, weight.size - 0.5)
+        bars.set_ylim(0, max(1.3 * weight.max(), 1.5 / weight.size))
         bars.set_xticks(np.arange(weight.size))
         bars.set_ylabel("weight", fontsize=7)
     figure.tight_layout()

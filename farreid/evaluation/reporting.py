@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,17 +65,86 @@ def metadata_breakdowns(eval_set: EvalSet, per_case: dict) -> dict[str, list[dic
     }
 
 
+def select_queries(ap: np.ndarray, count: int = 3) -> list[tuple[str, int]]:
+    """Queries spread evenly over the AP order, from the worst to the best (3: worst, median, best).
+
+    Args:
+        ap: (Q,) AP per query, NaN for queries without a true match (never chosen).
+        count: how many to choose (fewer when there are fewer valid queries).
+
+    Returns:
+        (tag, query position) pairs, worst first; tags "worst", "median", "best" or "AP rank k/n". Ties in AP keep
+        the query order.
+    """
+    ap = np.asarray(ap, dtype=float)
+    valid = np.flatnonzero(np.isfinite(ap))
+    if valid.size == 0 or count < 1:
+        return []
+    order = valid[np.argsort(ap[valid], kind="stable")]  # worst .. best
+    n = len(order)
+    steps = [0] if count == 1 else sorted({k * (n - 1) // (count - 1) for k in range(count)})
+    picks = []
+    for step in steps:
+        if step == 0:
+            tag = "worst"
+        elif step == n - 1:
+            tag = "best"
+        elif count % 2 == 1 and step == (n - 1) // 2:  # the lower middle when n is even
+            tag = "median"
+        else:
+            tag = f"AP rank {step + 1}/{n}"
+        picks.append((tag, int(order[step])))
+    return picks
+
+
+def _where(t) -> str:
+    """Camera, and for aerial tracklets altitude and horizontal distance, in a few characters."""
+    if t.view == "aerial":
+        return f"cam {t.camid}, {t.altitude:g} m alt, {t.distance:g} m"
+    return f"cam {t.camid} (ground)"
+
+
+def select_attention_tracklets(eval_set: EvalSet, weights: np.ndarray, count: int = 4) -> list[int]:
+    """Tracklets for the attention figure: at least T real frames (no padding), each tracklet once, the least
+    uniform weights (largest max - min) first.
+
+    Args:
+        eval_set: the scored tracklets (a tracklet can occur in several cases: it is shown once).
+        weights: (N, T) temporal pooling weights.
+        count: how many to choose.
+    """
+    num_frames = weights.shape[1]
+    spread = weights.max(1) - weights.min(1)
+    chosen, seen = [], set()
+    for i in np.argsort(-spread, kind="stable"):
+        t = eval_set.tracklets[i]
+        key = t.frames[0]  # the same folder read into two cases is the same tracklet
+        if len(t.frames) >= num_frames and key not in seen:
+            seen.add(key)
+            chosen.append(int(i))
+            if len(chosen) == count:
+                break
+    return chosen
+
+
 def write_figures(
-    out_dir: Path, eval_set: EvalSet, weights: torch.Tensor, report: dict, num_queries: int = 4
+    out_dir: Path,
+    eval_set: EvalSet,
+    weights: torch.Tensor,
+    report: dict,
+    num_queries: int = 3,
+    features: torch.Tensor | None = None,
 ) -> list[Path]:
-    """CMC curves, ranked lists (top-10 per query), temporal attention weights and the metadata breakdown.
+    """CMC curves, ranked lists of chosen queries, temporal attention weights and the metadata breakdown.
 
     Args:
         out_dir: folder for the PNGs.
         eval_set: the scored tracklets and cases.
         weights: (N, T) temporal pooling weights of every tracklet of ``eval_set``.
         report: run name -> (summary, results) as built by the evaluator.
-        num_queries: queries per case in the ranked-list figure.
+        num_queries: queries per case in the ranked lists, spread over the AP order (3: worst, median, best).
+        features: (N, F) L2-normalised embeddings; when given, each rank shows its cosine distance to the query
+            (the distance the plain ranking sorts by).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     tr = eval_set.tracklets
@@ -84,21 +154,49 @@ def write_figures(
         paths.append(plots.plot_cmc(curves, out_dir / f"cmc_{run}.png"))
     _summary, results = report["plain"]
     for case, (q, g) in eval_set.cases.items():
-        ranking = results["rankings"][case][:num_queries, :10]
-        chosen = q[: len(ranking)]
-        q_frames = [list(tr[i].frames) for i in chosen]
-        g_frames = [[list(tr[g[j]].frames) for j in row] for row in ranking]
-        correct = np.array([[tr[g[j]].pid == tr[i].pid for j in row] for i, row in zip(chosen, ranking, strict=True)])
-        paths.append(plots.plot_ranked_lists(q_frames, g_frames, correct, out_dir / f"ranked_{case}.png"))
-    # Attention: the aerial tracklets whose weights are least uniform show what the pooling suppresses.
-    w = weights.numpy()
-    spread = w.max(1) - w.min(1)
-    pick = np.argsort(-spread)[:4]
-    sampled = [
-        [tr[i].frames[j] for j in frame_indices(len(tr[i].frames), w.shape[1], False, random.Random(0))[0]]
-        for i in pick
-    ]
-    paths.append(plots.plot_attention(sampled, [w[i] for i in pick], out_dir / "attention.png"))
+        picks = select_queries(results["cases"][case]["AP"], num_queries)
+        if not picks:
+            continue
+        ap = np.asarray(results["cases"][case]["AP"], dtype=float)
+        q_frames, g_frames, q_labels, g_labels, correct = [], [], [], [], []
+        for tag, j in picks:
+            query = tr[q[j]]
+            ranked = [int(g[k]) for k in results["rankings"][case][j, :10]]
+            q_frames.append(list(query.frames))
+            g_frames.append([list(tr[i].frames) for i in ranked])
+            q_labels.append(f"{tag}: AP {100 * ap[j]:.1f}%\n{query.name} ID {query.pid}\n{_where(query)}")
+            labels = []
+            for r, i in enumerate(ranked):
+                distance = f" d={1.0 - float(features[q[j]] @ features[i]):.3f}" if features is not None else ""
+                labels.append(f"#{r + 1}{distance}\nID {tr[i].pid}\n{_where(tr[i])}")
+            g_labels.append(labels)
+            correct.append([tr[i].pid == query.pid for i in ranked])
+        paths.append(
+            plots.plot_ranked_lists(
+                q_frames,
+                g_frames,
+                np.array(correct),
+                out_dir / f"ranked_{case}.png",
+                query_labels=q_labels,
+                gallery_labels=g_labels,
+                title=f"{case}: queries by AP (green = same identity; d = cosine distance)",
+            )
+        )
+    w = weights.float().numpy()
+    pick = select_attention_tracklets(eval_set, w)
+    if pick:
+        sampled, labels = [], []
+        for i in pick:
+            t = tr[i]
+            indices, _mask = frame_indices(len(t.frames), w.shape[1], False, random.Random(0))
+            sampled.append([t.frames[j] for j in indices])
+            labels.append(f"{t.name} ID {t.pid}, {_where(t)}, {len(t.frames)} frames")
+        paths.append(plots.plot_attention(sampled, [w[i] for i in pick], out_dir / "attention.png", labels))
+    else:
+        warnings.warn(
+            f"no tracklet has the {w.shape[1]} real frames an unpadded attention figure needs: attention.png skipped",
+            stacklevel=2,
+        )
     breakdowns = metadata_breakdowns(eval_set, results["cases"])
     if breakdowns:
         paths.append(plots.plot_breakdown(breakdowns, out_dir / "breakdown.png"))

@@ -35,7 +35,15 @@ def _weighted_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return pooled if autocast else pooled.to(x.dtype)  # without autocast, keep the model's own dtype
 
 
-class MeanPooling(nn.Module):
+class TemporalPooling(nn.Module):
+    """Base of farreid's temporal poolings: ``forward(x (B, T, D), mask (B, T) | None) -> ((B, D), weights (B, T))``
+    with the weights summing to 1 over the real frames. ``model.pooling`` takes a subclass built from D."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class MeanPooling(TemporalPooling):
     """Mean of the real frames.
 
     Args:
@@ -53,7 +61,7 @@ class MeanPooling(nn.Module):
         return _weighted_sum(x, weights), weights
 
 
-class TemporalAttentionPooling(nn.Module):
+class TemporalAttentionPooling(TemporalPooling):
     """Softmax over T of a learned per-frame score, then the weighted sum of the frames.
 
     The score is a linear map of each frame feature, or a small MLP (D -> hidden -> 1) when `hidden` is given.

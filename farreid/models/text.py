@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +19,8 @@ from transformers.masking_utils import create_causal_mask
 from farreid.models import CLIP_ENV
 
 PLACEHOLDER = "X"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+# Either file set loads a CLIPTokenizer: the fast tokenizer's JSON or the BPE vocabulary and merges.
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
 class CLIPTextTower(CLIPTextModelWithProjection):
@@ -70,6 +70,27 @@ def load_text_tower(pretrained: str) -> CLIPTextModelWithProjection:
             "CLIPTextModelWithProjection checkpoint (a bare CLIPTextModel has no text_projection)"
         )
     return model
+
+
+def load_tokenizer(pretrained: str) -> CLIPTokenizer:
+    """The CLIP tokenizer saved next to the text-tower weights in `pretrained`.
+
+    A pretrained tower is only meaningful on the real tokens of the template, so a missing tokenizer is an error
+    (filler ids are for random test towers only).
+
+    Raises:
+        FileNotFoundError: neither tokenizer.json nor vocab.json + merges.txt is in `pretrained`.
+    """
+    path = Path(pretrained)
+    if not any(all((path / name).is_file() for name in files) for files in TOKENIZER_FILES):
+        expected = " or ".join(" + ".join(files) for files in TOKENIZER_FILES)
+        raise FileNotFoundError(
+            f"{path}: no CLIP tokenizer ({expected}); the text prompts need it to encode their template. Save it "
+            f"next to the weights, where the model was downloaded: CLIPTokenizer.from_pretrained("
+            f"'openai/clip-vit-large-patch14').save_pretrained('{path}') (or copy those files from the original "
+            "model directory)"
+        )
+    return CLIPTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def template_ids(
@@ -128,8 +149,10 @@ class TextPromptLearner(nn.Module):
         num_classes: number of training identities C (given by the module, linked from the data).
         pretrained: local directory of a CLIPModel / CLIPTextModelWithProjection saved with `save_pretrained`;
             when neither this nor `config` is given, the ``FARREID_CLIP`` environment variable.
-            Its tokenizer (vocab.json/merges.txt or tokenizer.json), if present, tokenises the template.
-        config: CLIPTextConfig keyword arguments for a random-weight tower (tiny runs). Exactly one of
+            It must hold the CLIP tokenizer (tokenizer.json, or vocab.json + merges.txt), which tokenises the
+            template; a missing tokenizer is an error.
+        config: CLIPTextConfig keyword arguments for a random-weight tower (tiny runs; the template is then
+            encoded with fixed filler ids, see :func:`template_ids`). Exactly one of
             `pretrained` and `config` must be given.
         n_ctx: learnable context tokens per identity.
         template: prompt text; "{}" becomes `n_ctx` placeholder tokens.
@@ -160,15 +183,8 @@ class TextPromptLearner(nn.Module):
         self.pretrained = None if pretrained is None else str(pretrained)
         if pretrained is not None:
             self.tower = load_text_tower(pretrained)
-            if any((Path(pretrained) / name).is_file() for name in TOKENIZER_FILES):
-                tokenizer = CLIPTokenizer.from_pretrained(pretrained, local_files_only=True)
-            else:
-                warnings.warn(
-                    f"{pretrained}: no tokenizer files {TOKENIZER_FILES}; the template {template!r} is encoded with "
-                    "fixed filler ids, not its words",
-                    stacklevel=2,
-                )
-        else:
+            tokenizer = load_tokenizer(pretrained)
+        else:  # a random tower: the template is encoded with fixed filler ids (template_ids)
             self.tower = CLIPTextModelWithProjection(CLIPTextConfig(**{"attn_implementation": "sdpa", **config}))
         self.tower.requires_grad_(False)
         self.tower.eval()

@@ -1,0 +1,1 @@
+"""Command-line tools around a trained checkpoint: ``farreid embed`` and ``farreid export``."""
