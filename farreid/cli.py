@@ -15,6 +15,7 @@ What the CLI adds to Lightning's (see ``farreid.runs`` for the run layout):
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -24,8 +25,10 @@ from pathlib import Path
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from farreid._quiet import default_progress_bar, quiet_known_messages
 from farreid.data.datamodule import ROOT_ENV, DetReIDXDataModule
 from farreid.evaluation.callback import ReIDEvaluator
 from farreid.models import CLIP_ENV
@@ -263,6 +266,12 @@ class FarReIDCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list | tuple) else ([plugins] if plugins else [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer_config.get("callbacks") or []
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(cb, ProgressBar) for cb in callbacks
+        ):  # a live bar on a terminal, plain lines in files and SLURM logs
+            trainer_config["callbacks"] = [*callbacks, default_progress_bar()]
         return super().instantiate_trainer(**kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -285,9 +294,20 @@ def _check_image_size(model: ReIDModule, datamodule: DetReIDXDataModule) -> None
         )
 
 
+TOOLS = {
+    "embed": "farreid.tools.embed",  # one L2-normalised embedding + metadata per tracklet of any folder
+    "export": "farreid.tools.export",  # the embedding model to ONNX
+}
+DESCRIPTION = (
+    "farreid: extreme far-distance aerial-ground video person ReID. Also: `farreid embed CHECKPOINT FOLDER OUT` "
+    "(embeddings of any tracklet folder) and `farreid export CHECKPOINT OUT.onnx`; each has --help."
+)
+
+
 def main(args: list[str] | None = None, run: bool = True) -> FarReIDCLI:
     """Build and run the CLI; returns it (for Python use and tests: ``main(args=[...])``). Raises on failure."""
     configure_wandb_mode()
+    quiet_known_messages()
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended", category=UserWarning)
     return FarReIDCLI(
         ReIDModule,
@@ -297,7 +317,7 @@ def main(args: list[str] | None = None, run: bool = True) -> FarReIDCLI:
         save_config_callback=LoggedConfigCallback,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"use_distributed_sampler": False},
-        parser_kwargs={"description": "farreid: extreme far-distance aerial-ground video person ReID"},
+        parser_kwargs={"description": DESCRIPTION},
     )
 
 
@@ -307,6 +327,9 @@ def console(argv: list[str] | None = None) -> int:
     128 + the signal number after a pre-emption signal (the resumable checkpoint is saved first), 1 on any other
     error, 2 on a usage error (argument parsing). ``FARREID_DEBUG=1`` prints the full traceback.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     try:
         main(argv)
     except SystemExit as err:
