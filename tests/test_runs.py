@@ -259,3 +259,44 @@ def test_committed_configs_hold_no_machine_paths():
 def test_impossible_settings_are_clear_errors(data_root, tmp_path, option, message):
     with pytest.raises(ValueError, match=message):
         main(["fit", *TINY, "--data.root", data_root, "--trainer.default_root_dir", str(tmp_path), *option])
+
+
+# ------------------------------------------------------------------------------------ the README's real path
+def readme_commands(section: str = "## Run the real thing") -> list[list[str]]:
+    """The `farreid ...` lines of the first bash block after ``section`` in the README, as argument lists."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index(section) :].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.split("#", 1)[0].split() for line in block.splitlines()]
+    return [line[1:] for line in lines if line[:1] == ["farreid"]]
+
+
+def test_the_readme_real_path_runs_end_to_end(data_root, tiny_clip_dir, tmp_path):
+    """Stage 1, stage 2, test, then resume with more epochs: the README's commands, through the console script,
+    on a tiny random CLIP directory in HF format (weights, config, tokenizer) and a small tree."""
+    commands = readme_commands()
+    assert [c[0] for c in commands] == ["fit", "fit", "test", "fit"], commands
+    (tmp_path / "configs").symlink_to(CONFIGS)
+    env = {"FARREID_DATA": data_root, "FARREID_CLIP": str(tiny_clip_dir)}
+    log = tmp_path / "records.jsonl"
+    shrink = [
+        "--config", "configs/tiny.yaml", "--model.backbone.init_args.config", "null",
+        "--model.text.init_args.config", "null", "--trainer.check_val_every_n_epoch", "1",
+        "--trainer.enable_progress_bar", "false", "--evaluator.figures", "false",
+        "--trainer.default_root_dir", "runs/vitl14",  # the recipe's own; tiny.yaml would move it
+    ]  # fmt: skip
+    for number, command in enumerate(commands):
+        epochs = ["--trainer.max_epochs", "2" if "--ckpt_path" in command else "1"]
+        extra = [*epochs, recorder(log)] if command[0] == "fit" else []
+        proc = run_farreid(*command, *shrink, *extra, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, (command, proc.stderr[-3000:])
+        if number == 0:  # stage 1 wrote its prompts where stage 2 of the same config reads them
+            assert (tmp_path / "runs" / "vitl14" / "stage1" / "text_prompts.pt").is_file()
+    root = tmp_path / "runs" / "vitl14"
+    assert (root / "stage1" / "checkpoints" / "last.ckpt").is_file()  # stage 1 did not overwrite stage 2
+    results = json.loads(next(root.glob("test-*/results.json")).read_text())
+    assert results["run"]["checkpoint"] == str(root / "checkpoints" / "last.ckpt")
+    stage2 = [r for r in records(log) if "index" in r][-2:]
+    fits = [r["epoch"] for r in records(log) if "index" in r]
+    # stage 1 ran epoch 0, stage 2 epoch 0, the resumed run only the new epoch 1
+    assert fits.count(0) == 2 * fits.count(1) and fits[-1] == 1 and stage2
+    assert len(list(root.glob("fit-*"))) == 2
