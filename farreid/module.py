@@ -137,6 +137,7 @@ class ReIDModule(L.LightningModule):
                 raise ValueError(f"model.{key} must be one of {list(allowed)}, got {value!r}")
         if stage1_features not in ("cached", "online"):
             raise ValueError(f"model.stage1_features must be 'cached' or 'online', got {stage1_features!r}")
+        self.hparams_num_classes = num_classes
         self._save_hyperparameters()
         self.backbone = backbone
         self.pooling = pooling(backbone.embed_dim)
@@ -167,6 +168,10 @@ class ReIDModule(L.LightningModule):
         given = getattr(hparams_mixin, "_given_hyperparameters", None)
         from_config = given is not None and given.get() is not None
         self.save_hyperparameters(ignore=["optimizer"] if from_config else ["backbone", "pooling", "text", "optimizer"])
+        # The classifier width as linked from the data (the CLI's config may hold the value before the link). Not
+        # in the logged copy: loggers merge it with the datamodule's, whose num_classes is only an override.
+        self._hparams["num_classes"] = self.hparams_num_classes
+        self._hparams_initial.pop("num_classes", None)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, frames: torch.Tensor, camids: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
