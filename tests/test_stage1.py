@@ -104,7 +104,9 @@ def test_real_trainer_stage1_trains_prompts_without_decoding(data_root, tmp_path
     from lightning.pytorch.utilities.model_summary import summarize
 
     assert model.example_input_array[0].shape == (1, 3, 3, 32, 16)
-    assert summarize(model).total_flops > 0
+    summary = summarize(model)
+    if hasattr(summary, "total_flops"):  # Lightning >= 2.6 counts FLOPs
+        assert summary.total_flops > 0
     if mode == "cached":
         assert all("frames" not in keys for keys in seen.keys)
         assert model.image_bank.shape == (len(dm.train_set), model.backbone.proj_dim)
