@@ -93,7 +93,14 @@ def test_embed_whole_release_and_pidless_folder(release, checkpoint, tmp_path):
     flat = tmp_path / "flat"  # ROOT/TRACKLET without PID folders
     for t in read_split(release, QUERY)[:3]:
         shutil.copytree(Path(t.frames[0]).parent, flat / t.name)
-    assert embed.main([checkpoint, str(flat), "--out", str(tmp_path / "flat_emb"), "--num-workers", "0"]) == 0
+    # Through the installed console script, as the README tells users to run it.
+    script = Path(sys.executable).with_name("farreid")
+    done = subprocess.run(
+        [str(script), "embed", checkpoint, str(flat), "--out", str(tmp_path / "flat_emb"), "--num-workers", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
     rows = _read_csv(tmp_path / "flat_emb" / "tracklets.csv")
     assert len(rows) == 3 and {r["pid"] for r in rows} == {"-1"}
 
