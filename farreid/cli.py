@@ -114,6 +114,12 @@ class FarReIDCLI(LightningCLI):
         parser.add_lightning_class_args(ReIDEvaluator, "evaluator")
         parser.add_lightning_class_args(RunCheckpoint, "checkpointing")
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):
+            parser.set_defaults(verbose=False)  # the evaluator prints farreid's table; no second Lightning one
+        return parser
+
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
         # Lightning takes each subcommand's help from the first docstring line of the Trainer method, which is
         # cut mid-sentence for test and predict.
@@ -299,8 +305,8 @@ TOOLS = {
     "export": "farreid.tools.export",  # the embedding model to ONNX
 }
 DESCRIPTION = (
-    "farreid: extreme far-distance aerial-ground video person ReID. Also: `farreid embed CHECKPOINT FOLDER OUT` "
-    "(embeddings of any tracklet folder) and `farreid export CHECKPOINT OUT.onnx`; each has --help."
+    "farreid: extreme far-distance aerial-ground video person ReID. Also: `farreid embed CHECKPOINT FOLDER --out DIR` "
+    "(embeddings of any tracklet folder) and `farreid export CHECKPOINT --out MODEL.onnx`; each has --help."
 )
 
 
