@@ -58,4 +58,25 @@ def make_reader(
     return cls(root, cache_dir=cache_dir, **options)
 
 
-__all__ = ["READERS", "VideoReIDDataset", "make_reader", "reader_class"]
+def dataset_provenance(ckpt_path: str | None, datamodule) -> dict:
+    """Which dataset trained the checkpoint and which one this run reads (the ``data`` entry of results.json).
+
+    ``trained_on`` comes from the datamodule hyperparameters Lightning saves in the checkpoint
+    (``datamodule_hyper_parameters``); a checkpoint without them says so instead of guessing.
+    """
+    tested = datamodule.reader.describe()
+    if not ckpt_path:
+        return {"trained_on": {"dataset": None, "note": "no checkpoint: the untrained model"}, "tested_on": tested}
+    import torch
+
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("datamodule_hyper_parameters")
+    if not saved:
+        trained = {"dataset": None, "note": f"{ckpt_path} does not record its datamodule's hyperparameters"}
+    elif "dataset" not in saved:
+        trained = {"dataset": "detreidx", "root": saved.get("root"), "note": "checkpoint predates data.dataset"}
+    else:
+        trained = {"dataset": saved["dataset"], "root": saved.get("root"), "options": saved.get("dataset_options")}
+    return {"trained_on": trained, "tested_on": tested}
+
+
+__all__ = ["READERS", "VideoReIDDataset", "dataset_provenance", "make_reader", "reader_class"]
