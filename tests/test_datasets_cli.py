@@ -60,4 +60,3 @@ def test_fit_on_agvpreid_then_test_on_agvpreid_and_on_mars(layouts, tmp_path):
     assert mars["run"]["checkpoint"] == str(root / "checkpoints" / "last.ckpt")
     assert mars["run"]["data"]["trained_on"] == {"dataset": "agvpreid", "root": layouts["agvpreid"], "options": None}
     assert mars["run"]["data"]["tested_on"] == {"dataset": "mars", "root": layouts["mars"]}
-
