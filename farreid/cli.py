@@ -30,6 +30,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from farreid._quiet import default_progress_bar, quiet_known_messages
 from farreid.data.datamodule import ROOT_ENV, DetReIDXDataModule
+from farreid.data.datasets import dataset_provenance
 from farreid.evaluation.callback import ReIDEvaluator
 from farreid.models import CLIP_ENV
 from farreid.module import ReIDModule
@@ -264,6 +265,9 @@ class FarReIDCLI(LightningCLI):
                 "git_commit": git_commit(),
                 "config": self.parser.dump(self.config, skip_none=False, format="yaml"),
             }
+            # issue 12: the dataset that trained the checkpoint and the one this run reads
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            evaluator.run_info["data"] = dataset_provenance(ckpt_path, self.datamodule)
         _check_image_size(self.model, self.datamodule)
 
     def instantiate_trainer(self, **kwargs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from functools import cached_property
@@ -12,10 +13,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 from farreid.data.dataset import TrackletDataset
-from farreid.data.detreidx import CASES, Tracklet, case_split, read_split
+from farreid.data.datasets import VideoReIDDataset, make_reader, reader_class
+from farreid.data.detreidx import Tracklet
 from farreid.data.index_cache import cache_path, cached_split, default_cache_dir
 from farreid.data.label_view import LabelView
-from farreid.data.protocols import EvalSet, released_cases, split_identities, validation_cases
+from farreid.data.protocols import EvalSet, split_identities
 from farreid.data.sampling import IdentityBatchSampler
 from farreid.data.transforms import TrackletTransform, normalize_clip
 
@@ -68,6 +70,10 @@ class DetReIDXDataModule(L.LightningDataModule):
             decodable frame before the run stops with an error listing them (farreid choice: 1%, issue 10).
         classifier_size: the classifier width when this run does not train (``test``/``predict``: the farreid CLI
             reads it from the checkpoint, so no ``train/`` folder is needed); None = count training identities.
+        dataset: the layout under ``root``: ``detreidx`` (default), ``agvpreid``, ``g2a``, ``mars``, ``lsvid``,
+            ``ilidsvid``, ``prid``, ``dukevideo``, or the dotted path of a
+            :class:`~farreid.data.datasets.VideoReIDDataset` subclass (see ``docs/DATASETS.md``).
+        dataset_options: keyword options of that reader, e.g. ``{split_id: 3}`` for iLIDS-VID and PRID-2011.
     """
 
     def __init__(
@@ -94,6 +100,8 @@ class DetReIDXDataModule(L.LightningDataModule):
         max_unreadable: float = 0.01,
         compute_threads: int | None = None,
         classifier_size: int | None = None,
+        dataset: str = "detreidx",
+        dataset_options: dict | None = None,
     ) -> None:
         super().__init__()
         root = root or os.environ.get(ROOT_ENV)
@@ -118,11 +126,17 @@ class DetReIDXDataModule(L.LightningDataModule):
         self.eval_datasets: dict[str, TrackletDataset] = {}
         self.cache_dir = (index_cache_dir or str(default_cache_dir())) if index_cache else None
         self._train_transform: TrackletTransform | None = None
+        reader_class(dataset)  # an unknown name fails here, before any data is read
+
+    @cached_property
+    def reader(self) -> VideoReIDDataset:
+        """The dataset reader (``data.dataset``), built on first use so that the root is checked when read."""
+        return make_reader(self.hparams.dataset, self.root, self.cache_dir, self.hparams.dataset_options)
 
     # ----------------------------------------------------------------------------------------- splits
     @cached_property
     def _train_tracklets(self) -> list[Tracklet]:
-        return read_split(self.root, "train", cache_dir=self.cache_dir)
+        return self.reader.train_tracklets()
 
     def prepare_data(self) -> None:
         """Build the index cache of the splits this stage reads (Lightning runs this on one process per node and
@@ -131,10 +145,7 @@ class DetReIDXDataModule(L.LightningDataModule):
             return
         fn = getattr(getattr(getattr(self, "trainer", None), "state", None), "fn", None)
         stage = getattr(fn, "value", "fit")
-        splits = ["train"] if stage in ("fit", "validate") or self.hparams.test_split == "val" else []
-        if stage in ("test", "predict") and self.hparams.test_split == "cases":
-            splits = [case_split(case, part) for case in CASES for part in ("query", "gallery")]
-        for split in splits:
+        for split in self.reader.cached_splits(stage, self.hparams.test_split):
             start = time.perf_counter()
             index = cached_split(self.root, split, self.cache_dir)
             rank_zero_info(
@@ -164,7 +175,7 @@ class DetReIDXDataModule(L.LightningDataModule):
             label_of = {pid: i for i, pid in enumerate(train_pids)}
             tracklets = [t for t in self._train_tracklets if t.pid in label_of]
             self.train_set = TrackletDataset(
-                tracklets,
+                self._prompted(tracklets),
                 num_frames=self.hparams.num_frames,
                 training=True,
                 transform=self._transform(training=True),
@@ -175,15 +186,25 @@ class DetReIDXDataModule(L.LightningDataModule):
         if stage in ("fit", "validate") and "val" not in self.eval_sets and self.hparams.val_share > 0:
             _, val_pids = self._identity_split
             held_out = set(val_pids)
-            self.eval_sets["val"] = validation_cases([t for t in self._train_tracklets if t.pid in held_out])
+            held_out_tracklets = [t for t in self._train_tracklets if t.pid in held_out]
+            self.eval_sets["val"] = self.reader.validation_cases(held_out_tracklets)
         if stage in ("test", "predict") and "test" not in self.eval_sets:
             if self.hparams.test_split == "val":
                 self.setup("validate")
                 self.eval_sets["test"] = self.eval_sets["val"]
             else:
-                self.eval_sets["test"] = released_cases(self.root, cache_dir=self.cache_dir)
+                self.eval_sets["test"] = self.reader.test_set()
         for name, eval_set in self.eval_sets.items():
             rank_zero_info(f"[farreid] {name} set: {len(eval_set)} tracklets ({eval_set.describe()})")
+
+    def _prompted(self, tracklets: list[Tracklet]) -> list[Tracklet]:
+        """The tracklets as the model sees them: ``camid`` replaced by the reader's camera-prompt id (0 ground, 1/2
+        aerial), so that one checkpoint's prompt table fits every dataset. The evaluation sets keep the protocol's
+        cameras for the junk rule. DetReIDX's cameras are the prompt ids: its tracklets pass unchanged."""
+        prompt = self.reader.prompt_camera
+        if all(prompt(t) == t.camid for t in tracklets):
+            return tracklets
+        return [dataclasses.replace(t, camid=prompt(t)) for t in tracklets]
 
     # ------------------------------------------------------------------------------------ dataloaders
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
@@ -256,7 +277,7 @@ class DetReIDXDataModule(L.LightningDataModule):
             raise RuntimeError(f"no {name!r} evaluation set: is data.val_share > 0 (validation)?")
         if name not in self.eval_datasets:
             self.eval_datasets[name] = TrackletDataset(
-                self.eval_sets[name].tracklets,
+                self._prompted(self.eval_sets[name].tracklets),
                 num_frames=self.num_frames_test,
                 training=False,
                 transform=self._transform(training=False),

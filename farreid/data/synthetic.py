@@ -7,7 +7,9 @@ noisy, more so with altitude and distance. Every tracklet has a few degraded fra
 near-empty crops), and the second UAV session changes part of some identities' appearance (jacket, bag), so
 A2A is the hardest case. The output is byte-identical for a given seed and arguments.
 
-Usage: ``python -m farreid.data.synthetic ROOT [--seed 0] [--anonymize]``.
+Usage: ``python -m farreid.data.synthetic ROOT [--seed 0] [--anonymize]``; ``--layout mars`` (or agvpreid, g2a,
+lsvid, ilidsvid, prid, dukevideo) writes the same kind of people in another dataset's layout
+(:mod:`farreid.data.layouts`).
 """
 
 from __future__ import annotations
@@ -243,10 +245,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--session-change-p", type=float, default=0.5, help="appearance change between UAV sessions")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true")
-    args = vars(parser.parse_args(argv))  # every option is a keyword of `generate`
+    parser.add_argument(
+        "--layout",
+        default="detreidx",
+        help="detreidx (this module) or another reader's layout: agvpreid, g2a, mars, lsvid, ilidsvid, prid, dukevideo",
+    )
+    args = vars(parser.parse_args(argv))  # every option but --layout is a keyword of `generate`
     start = time.perf_counter()
-    root = generate(args.pop("root"), **args)
-    num_files = sum(1 for _ in root.rglob("*.jpg"))
+    layout = args.pop("layout")
+    if layout == "detreidx":
+        root = generate(args.pop("root"), **args)
+    else:
+        from farreid.data.layouts import write_layout
+
+        root = write_layout(args["root"], layout, args["num_train_ids"], args["num_test_ids"], seed=args["seed"])
+    num_files = sum(1 for p in root.rglob("*") if p.suffix in (".jpg", ".png"))
     print(f"wrote {num_files} frames under {root} in {time.perf_counter() - start:.1f} s")
 
 
