@@ -6,6 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+# The paper recipe shrunk to a tiny random CLIP without the text stage: the arguments most CLI tests start from.
+TINY_RUN = [
+    "--config", str(CONFIGS / "vitl14.yaml"), "--config", str(CONFIGS / "tiny.yaml"),
+    "--model.text", "null", "--trainer.enable_progress_bar", "false",
+]  # fmt: skip
+
 # CLIPVisionConfig kwargs of a tiny ViT: width 32, 2 blocks, 4 heads, patch 8 on 32x32 images (a 4x4 grid).
 TINY_VISION_CONFIG: dict = {
     "hidden_size": 32,

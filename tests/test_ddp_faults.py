@@ -9,18 +9,12 @@ from pathlib import Path
 import pytest
 
 from farreid.data.synthetic import generate
+from tests.conftest import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 TWO_RANKS = [
-    "--config",
-    str(CONFIGS / "vitl14.yaml"),
-    "--config",
-    str(CONFIGS / "tiny.yaml"),
-    "--model.text",
-    "null",
-    "--trainer.enable_progress_bar",
-    "false",
+    *TINY_RUN,
     "--evaluator.rerank",
     "false",
     "--trainer.logger",

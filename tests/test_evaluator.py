@@ -22,6 +22,7 @@ from farreid.data.protocols import EvalSet
 from farreid.data.synthetic import generate
 from farreid.evaluation.callback import ReIDEvaluator
 from farreid.evaluation.reporting import metadata_breakdowns
+from tests.conftest import TINY_RUN
 from tests.reference_reranking import re_ranking_reference
 
 MAX_RANK = 10
@@ -254,16 +255,9 @@ def test_non_finite_embedding_names_the_tracklet(tmp_path):
 # ------------------------------------------------------------------ the documented commands (issue 10 item 2)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_NO_TEXT = [
-    "--config",
-    str(CONFIGS / "vitl14.yaml"),
-    "--config",
-    str(CONFIGS / "tiny.yaml"),
-    "--model.text",
-    "null",
-    "--trainer.enable_progress_bar",
-    "false",
+    *TINY_RUN,
     "--data.batch_size_test",
-    "4",  # so that 2 evaluation batches see only part of the tracklets
+    "4",  # so that 2 evaluation batches see only part of the tracklets,
 ]
 
 

@@ -12,18 +12,12 @@ import torch
 from farreid.cli import configure_wandb_mode, main
 from farreid.data.synthetic import generate
 from farreid.runs import last_checkpoint
+from tests.conftest import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 BASE = [
-    "--config",
-    str(CONFIGS / "vitl14.yaml"),
-    "--config",
-    str(CONFIGS / "tiny.yaml"),
-    "--model.text",
-    "null",
-    "--trainer.enable_progress_bar",
-    "false",
+    *TINY_RUN,
     "--evaluator.rerank",
     "false",
     "--trainer.check_val_every_n_epoch",

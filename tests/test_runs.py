@@ -20,15 +20,12 @@ import farreid.runs
 from farreid.cli import main
 from farreid.data.synthetic import generate
 from farreid.runs import RunLock, last_checkpoint
+from tests.conftest import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 SCRIPT = Path(sys.executable).parent / "farreid"
-TINY = [
-    "--config", str(CONFIGS / "vitl14.yaml"), "--config", str(CONFIGS / "tiny.yaml"),
-    "--model.text", "null", "--evaluator.rerank", "false", "--trainer.enable_progress_bar", "false",
-    "--trainer.check_val_every_n_epoch", "1",
-]  # fmt: skip
+TINY = [*TINY_RUN, "--evaluator.rerank", "false", "--trainer.check_val_every_n_epoch", "1"]
 
 
 @pytest.fixture(scope="module")
