@@ -10,7 +10,7 @@ from farreid.losses import BatchHardTripletLoss, SupConLoss, pairwise_distance, 
 from farreid.models.backbone import CLIPVisionBackbone
 from farreid.models.text import TextPromptLearner
 from farreid.module import ReIDModule, canonical_key
-from tests.conftest import TINY_VISION_CONFIG
+from tests.conftest import TINY_TEXT_CONFIG, TINY_VISION_CONFIG
 from tests.test_module import NUM_CLASSES, _batch, _module
 
 BF16 = torch.autocast("cpu", dtype=torch.bfloat16)
@@ -171,17 +171,7 @@ def test_random_text_tower_is_kept():
         num_classes=NUM_CLASSES,
         text=lambda n: TextPromptLearner(
             n,
-            config={
-                "hidden_size": 32,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 4,
-                "intermediate_size": 64,
-                "vocab_size": 1000,
-                "max_position_embeddings": 77,
-                "projection_dim": 16,
-                "bos_token_id": 998,
-                "eos_token_id": 999,
-            },
+            config=TINY_TEXT_CONFIG | {"num_hidden_layers": 1},
         ),
     )
     assert module.text.pretrained is None
