@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from farreid.evaluation import reranking
 from farreid.evaluation.reranking import re_ranking
 from tests.reference_reranking import re_ranking_reference
 
@@ -37,6 +38,43 @@ def test_matches_reference(num, num_query, k1, k2, lambda_value):
     result = run(features, num_query, k1, k2, lambda_value)
     assert result.shape == (num_query, num - num_query) and result.dtype == np.float32
     np.testing.assert_allclose(result, expected, atol=1e-4, rtol=0)
+
+
+def identity_features(num: int, cluster_size: int, noise: float, dim: int = 48, seed: int = 0) -> np.ndarray:
+    """L2-normalised points around num / cluster_size centres (unit Gaussian) plus Gaussian noise of std `noise`:
+    small clusters with strong noise make large expanded sets and many members beyond each item's k1 + 1."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(2, num // cluster_size), dim))
+    points = centres[rng.integers(0, len(centres), num)] + noise * rng.standard_normal((num, dim))
+    return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("cluster_size", "noise"), [(2, 1.0), (6, 2.0), (50, 0.5)])
+def test_matches_reference_in_small_pieces_on_two_workers(monkeypatch, cluster_size, noise):
+    """Every piece boundary the large-N path has: row blocks, width groups cut into pieces, gathers of
+    out-of-list distances in blocks, and two chunk workers; results equal the published function's."""
+    num, num_query = 480, 120
+    features = identity_features(num, cluster_size, noise, seed=cluster_size)
+    expected = re_ranking_reference(features[:num_query], features[num_query:])
+    calls = []
+    pair_distances = reranking._pair_distances
+    monkeypatch.setattr(reranking, "_pair_distances", lambda *a: calls.append(1) or pair_distances(*a))
+    monkeypatch.setattr(reranking, "_PAIR_ROWS", 16)
+    monkeypatch.setattr(reranking, "_JACCARD_PAIR_BUDGET", 64)
+    monkeypatch.setattr(reranking, "_JACCARD_BLOCK", 8 * (num - num_query))
+    monkeypatch.setattr(reranking, "_DISTANCE_BLOCK", 1)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for workers in (1, 2):
+            torch.set_num_threads(workers)
+            results.append(run(features, num_query, chunk_size=50))
+    finally:
+        torch.set_num_threads(threads)
+    assert calls, "no expanded-set member outside the k1 + 1 nearest: the test misses that path"
+    np.testing.assert_allclose(results[0], expected, atol=1e-4, rtol=0)
+    # The worker count changes only rounding (chunk shapes differ, so do the products' summation orders).
+    np.testing.assert_allclose(results[1], results[0], atol=1e-6, rtol=0)
 
 
 def test_chunk_size_invariance():

@@ -16,13 +16,18 @@ The only deviations from the published function are float rounding (about 1e-7) 
 distances, which `torch.topk` may order differently from NumPy's argsort.
 """
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from rich.progress import track
 
 from farreid.evaluation.search import topk
+
+T = TypeVar("T")
 
 # The distance pass takes at least this many floats per chunk (64 MB): on a 2-core CPU at N = 6,000, chunks of
 # 2,048-6,000 rows ran the pass in 0.75x the time of 1,024-row chunks (larger products use the cores better).
@@ -31,33 +36,47 @@ _DISTANCE_BLOCK = 1 << 24
 _PROGRESS_MIN_ITEMS = 20_000
 # Upper bounds on the (query entry, gallery entry) pairs gathered at once by the Jaccard step, and on the
 # entries of its reused (rows x G) accumulator.
-_JACCARD_PAIR_BUDGET = 1 << 20
+_JACCARD_PAIR_BUDGET = 1 << 21
 _JACCARD_BLOCK = 1 << 24
+# Rows gathered at once for the distances of expanded-set members outside an item's nearest (2 x 6 MB at D = 768).
+_PAIR_ROWS = 2048
 
 
 @contextmanager
-def _sparse_threads(device: torch.device) -> Iterator[None]:
-    """One intra-op thread on the CPU for the sparse stages, restored afterwards.
+def _sparse_threads(device: torch.device) -> Iterator[int]:
+    """One intra-op thread on the CPU for the sparse stages; yields how many chunk workers to run instead.
 
-    Those stages are many small, memory-bound gathers and scatters. Measured at N = 6,000 on 2 shared cores
-    (load average about 4): 0.3-0.5 s with one thread, 3-8 s with two, because the OpenMP workers of every
-    small op wait for a descheduled peer. The distance pass, one large product, keeps every thread.
+    Those stages are many small, memory-bound gathers and scatters. With torch's intra-op threads every op ends
+    at a barrier, and on 2 shared cores under load (average about 4) the sparse stages ran 10x slower with two
+    threads than with one (3-8 s vs 0.3-0.5 s at N = 6,000), each op waiting for a descheduled peer. Instead,
+    independent chunks run on as many Python threads as torch had intra-op threads (ops release the GIL), each
+    op single-threaded: a worker that is descheduled delays only its own chunks. On a GPU: one worker.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
-        yield
+        yield 1
         return
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
 
 
-def _chunks(total: int, size: int, description: str, show: bool) -> list[tuple[int, int]] | object:
-    """(start, stop) row ranges of at most `size`, wrapped in a rich progress bar when `show`."""
-    ranges = [(start, min(start + size, total)) for start in range(0, total, size)]
-    return track(ranges, description=description, disable=not show, transient=True)
+def _chunks(total: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of at most `size`."""
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _run_chunks(function: Callable[[tuple[int, int]], T], chunks, workers: int, description: str, show: bool):
+    """`function(chunk)` for every chunk, results in chunk order, on `workers` threads; a rich progress bar when
+    `show`. Functions keep their scratch buffers in a `threading.local`, one set per worker."""
+    if workers <= 1 or len(chunks) <= 1:
+        results = map(function, chunks)
+        return list(track(results, total=len(chunks), description=description, disable=not show, transient=True))
+    with ThreadPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+        results = pool.map(function, chunks)
+        return list(track(results, total=len(chunks), description=description, disable=not show, transient=True))
 
 
 def _expand(pointers: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,40 +101,49 @@ def _pointers(row_of_entry: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
 
-def _exact_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_size: int, show: bool):
-    """One chunked pass over all pairwise squared distances.
+def _exact_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_size: int, workers: int, show: bool):
+    """One chunked pass over all pairwise squared distances, `workers` chunks at a time.
 
     Returns:
         (N, width) nearest squared distances and (N, width) their indices, nearest first, self included;
         (N,) row maxima; (Q, G) the query-to-gallery block of squared distances.
     """
     num_all = features.shape[0]
+    # Rows per chunk: at least `_DISTANCE_BLOCK` floats, and at least two chunks per worker to balance them.
     chunk_size = max(chunk_size, _DISTANCE_BLOCK // num_all)
-    squared = (features * features).sum(dim=1)  # (N,)
-    nn_dist, nn_index = [], []
+    if workers > 1:
+        chunk_size = min(chunk_size, -(-num_all // (2 * workers)))
+    squared = torch.linalg.vector_norm(features, dim=1).square_()  # (N,)
+    nn_dist = features.new_empty(num_all, width)
+    nn_index = torch.empty(num_all, width, dtype=torch.long, device=features.device)
     row_max = features.new_empty(num_all)
     query_gallery = features.new_empty(num_query, num_all - num_query)
-    # One scratch block for all chunks: fresh multi-MB allocations cost a page fault per 4 kB page on every chunk.
-    scratch = features.new_empty(min(chunk_size, num_all), num_all)
-    for start, stop in _chunks(num_all, chunk_size, "re-ranking: neighbours", show):
+    local = threading.local()
+
+    def neighbours(chunk: tuple[int, int]) -> None:
+        start, stop = chunk
+        if not hasattr(local, "scratch"):
+            # One block per worker for all its chunks: a fresh multi-MB tensor costs a page fault per 4 kB page.
+            local.scratch = features.new_empty(min(chunk_size, num_all), num_all)
         # |f_j|^2 - 2 f_i.f_j in one fused product; the per-row constant |f_i|^2 is added to the kept values only.
         partial = torch.addmm(
-            squared[None, :], features[start:stop], features.T, alpha=-2.0, out=scratch[: stop - start]
+            squared[None, :], features[start:stop], features.T, alpha=-2.0, out=local.scratch[: stop - start]
         )
         own = squared[start:stop, None]  # (B, 1)
-        row_max[start:stop] = partial.max(dim=1).values + own[:, 0]
-        values, indices = torch.topk(partial, width, dim=1, largest=False)
-        nn_dist.append(values + own)
-        nn_index.append(indices)
+        torch.add(partial.amax(dim=1), own[:, 0], out=row_max[start:stop])
+        torch.topk(partial, width, dim=1, largest=False, out=(nn_dist[start:stop], nn_index[start:stop]))
+        nn_dist[start:stop] += own
         if start < num_query:
             rows = min(stop, num_query) - start
             torch.add(partial[:rows, num_query:], own[:rows], out=query_gallery[start : start + rows])
-    return torch.cat(nn_dist), torch.cat(nn_index), row_max, query_gallery
+
+    _run_chunks(neighbours, _chunks(num_all, chunk_size), workers, "re-ranking: neighbours", show)
+    return nn_dist, nn_index, row_max, query_gallery
 
 
 def _approx_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_size: int):
     """Like `_exact_neighbours`, with neighbours and row maxima from `search.topk` (FAISS when installed)."""
-    squared = (features * features).sum(dim=1)  # (N,)
+    squared = torch.linalg.vector_norm(features, dim=1).square_()  # (N,)
     nn_dist, nn_index = topk(features, features, width, metric="l2")
     # Farthest item by an inner-product search: max_j |f_j|^2 - 2 f_i.f_j = max_j <[-2 f_i, 1], [f_j, |f_j|^2]>.
     ones = squared.new_ones(features.shape[0], 1)
@@ -133,109 +161,220 @@ def _approx_neighbours(features: torch.Tensor, width: int, num_query: int, chunk
 def _reciprocal(neighbours: torch.Tensor) -> torch.Tensor:
     """(N, K) mask: is row i in the top K of its m-th neighbour `neighbours[i, m]`?"""
     own = torch.arange(neighbours.shape[0], device=neighbours.device)[:, None, None]
-    return (neighbours[neighbours] == own).any(dim=-1)  # (N, K, K) -> (N, K)
+    their = neighbours.index_select(0, neighbours.flatten()).view(*neighbours.shape, -1)  # (N, K, K)
+    return (their == own).any(dim=-1)  # (N, K)
 
 
-def _encode(features, nn_dist, nn_index, row_max, k1_width, half_width, chunk_size, show):
-    """The sparse k-reciprocal encodings V (one row per item) as CSR (pointers, columns, values)."""
-    num_all = features.shape[0]
-    squared = (features * features).sum(dim=1)  # (N,)
+def _pair_distances(features, squared, left, right, scratch) -> torch.Tensor:
+    """Squared distances between the rows `left[m]` and `right[m]` of `features`, gathered in blocks.
+
+    The gathers go into the preallocated `scratch` (2, rows, D): on the CPU a fresh multi-MB tensor per gather
+    costs more in page faults than the copy (measured: 10 ms vs 1.8 ms for 6,000 x 768 floats).
+    """
+    products = features.new_empty(left.numel())
+    rows = scratch.shape[1]
+    for start in range(0, left.numel(), rows):
+        stop = min(start + rows, left.numel())
+        a = torch.index_select(features, 0, left[start:stop], out=scratch[0, : stop - start])
+        b = torch.index_select(features, 0, right[start:stop], out=scratch[1, : stop - start])
+        torch.sum(a.mul_(b), dim=1, out=products[start:stop])
+    return squared.index_select(0, left) + squared.index_select(0, right) - 2.0 * products
+
+
+def _encode(features, nn_dist, nn_index, row_max, k1_width, half_width, chunk_size, workers, show):
+    """The sparse k-reciprocal encodings V (one row per item) as CSR (pointers, columns, values).
+
+    Row i holds R*(i) = R(i) plus every accepted half set Rh(c), c in R(i), with Gaussian weights normalised over
+    the row. Within a row, the members of R(i) come first (nearest first), then the added members by index.
+    """
+    num_all, device = features.shape[0], features.device
+    squared = torch.linalg.vector_norm(features, dim=1).square_()  # (N,)
     top = nn_index[:, :k1_width]
     recip = _reciprocal(top)
     half = nn_index[:, :half_width]
     recip_half = _reciprocal(half)
-    # Dense scratch rows marking the members of R(i), reset after each chunk.
-    in_set = torch.zeros(min(chunk_size, num_all), num_all, dtype=torch.bool, device=features.device)
-    # The distances already known (each row's M nearest), sorted by item index for searchsorted.
+    # The distances already known (each row's M nearest) as one sorted key array row * N + column, so that any
+    # (row, column) pair is looked up by a single 1-D searchsorted.
     known_index, order = torch.sort(nn_index, dim=1)
-    known_dist = nn_dist.gather(1, order)
-    counts_out, cols_out, vals_out = [], [], []
-    for start, stop in _chunks(num_all, chunk_size, "re-ranking: encodings", show):
+    known_key = (torch.arange(num_all, device=device)[:, None] * num_all + known_index).flatten()
+    known_dist = nn_dist.gather(1, order).flatten()
+    local = threading.local()
+
+    def encode(chunk: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        start, stop = chunk
         size = stop - start
+        if not hasattr(local, "in_set"):  # per-worker scratch: dense rows marking R(i), reset after each chunk
+            local.in_set = torch.zeros(min(chunk_size, num_all), num_all, dtype=torch.bool, device=device)
+            local.pairs = features.new_empty(2, _PAIR_ROWS, features.shape[1])
+        in_set = local.in_set[:size]
         r_index, r_mask = top[start:stop], recip[start:stop]  # (B, K1)
         cand = half.index_select(0, r_index.flatten()).view(size, k1_width, half_width)  # neighbours' half sets
         cand_mask = recip_half.index_select(0, r_index.flatten()).view(cand.shape) & r_mask[:, :, None]
-        in_set[:size].scatter_(1, r_index, r_mask)
-        in_r = in_set[:size].gather(1, cand.flatten(1)).view(cand.shape)  # (B, K1, Kh)
-        in_set[:size].scatter_(1, r_index, False)
+        in_set.scatter_(1, r_index, r_mask)
+        in_r = in_set.gather(1, cand.flatten(1)).view(cand.shape)  # (B, K1, Kh)
+        in_set.scatter_(1, r_index, False)
         # The published rule |Rh(c) & R(i)| > 2/3 |Rh(c)|, in integers: for every set size up to 5,000 it decides
         # exactly as the float expression does.
         accept = r_mask & (3 * (in_r & cand_mask).sum(-1) > 2 * cand_mask.sum(-1))
-        members = torch.cat([r_index, cand.flatten(1)], 1)  # (B, K1 + K1 * Kh)
-        valid = torch.cat([r_mask, (cand_mask & accept[:, :, None]).flatten(1)], 1)
-        members = torch.where(valid, members, num_all).sort(dim=1).values
-        valid = members < num_all
-        valid[:, 1:] &= members[:, 1:] != members[:, :-1]  # drop repeats (np.unique)
-        safe = members.clamp(max=num_all - 1)
-        slot = torch.searchsorted(known_index[start:stop], safe).clamp_(max=known_index.shape[1] - 1)
-        dist = known_dist[start:stop].gather(1, slot)
-        miss = valid & (known_index[start:stop].gather(1, slot) != safe)
-        if miss.any():  # members outside the row's M nearest: compute those few distances directly
-            row, col = miss.nonzero(as_tuple=True)
-            item, other = row + start, safe[row, col]
-            dist[row, col] = squared[item] + squared[other] - 2.0 * (features[item] * features[other]).sum(1)
+        # Members the accepted half sets add beyond R(i), each once (np.unique): keys (row in chunk) * N + item.
+        extra = (cand_mask & accept[:, :, None] & ~in_r).flatten(1)  # (B, K1 * Kh)
+        rows = torch.arange(size, device=device)[:, None].expand_as(extra)
+        key = torch.unique(rows.masked_select(extra) * num_all + cand.flatten(1).masked_select(extra))
+        extra_row, extra_item = torch.div(key, num_all, rounding_mode="floor"), key % num_all
+        # Their distances: known ones by lookup, the rest (outside the row's M nearest) computed directly.
+        global_key = key + start * num_all
+        slot = torch.searchsorted(known_key, global_key).clamp_(max=known_key.numel() - 1)
+        extra_dist = known_dist.index_select(0, slot)
+        miss = (known_key.index_select(0, slot) != global_key).nonzero()[:, 0]
+        if miss.numel():
+            item, other = extra_row.index_select(0, miss) + start, extra_item.index_select(0, miss)
+            extra_dist[miss] = _pair_distances(features, squared, item, other, local.pairs)
+        # One padded (B, K1 + A) block per chunk: R(i) in the first K1 lanes, the added members after them.
+        counts = torch.bincount(extra_row, minlength=size)
+        lanes = int(counts.max()) if key.numel() else 0
+        lane = torch.arange(key.numel(), device=device) - (torch.cumsum(counts, 0) - counts).index_select(0, extra_row)
+        members = torch.cat([r_index, r_index.new_zeros(size, lanes)], 1)
+        dist = torch.cat([nn_dist[start:stop, :k1_width], nn_dist.new_zeros(size, lanes)], 1)
+        valid = torch.cat([r_mask, r_mask.new_zeros(size, lanes)], 1)
+        flat = extra_row * (k1_width + lanes) + k1_width + lane
+        members.view(-1)[flat] = extra_item
+        dist.view(-1)[flat] = extra_dist
+        valid.view(-1)[flat] = True
         weight = torch.exp(-dist / row_max[start:stop, None]).masked_fill_(~valid, 0.0)
         weight = weight / weight.sum(1, keepdim=True)
-        counts_out.append(valid.sum(1))
-        cols_out.append(members.masked_select(valid))  # row-major, so the entries stay grouped by row
-        vals_out.append(weight.masked_select(valid))
-    counts = torch.cat(counts_out)
-    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]), torch.cat(cols_out), torch.cat(vals_out)
+        # Row-major selection keeps the entries grouped by row.
+        return valid.sum(1), members.masked_select(valid), weight.masked_select(valid)
+
+    parts = _run_chunks(encode, _chunks(num_all, chunk_size), workers, "re-ranking: encodings", show)
+    counts = torch.cat([part[0] for part in parts])
+    pointers = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return pointers, torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
 
 
-def _query_expansion(encoding, nn_index, k2_width, chunk_size, show):
+def _query_expansion(encoding, nn_index, k2_width, chunk_size, workers, show):
     """Local query expansion: row i becomes the mean of the rows of its top-k2 items (CSR in, CSR out)."""
     pointers, columns, values = encoding
     num_all = nn_index.shape[0]
-    rows_out, cols_out, vals_out = [], [], []
-    for start, stop in _chunks(num_all, chunk_size, "re-ranking: query expansion", show):
+    # Keys (row in chunk) * N + column: int32 when they fit, which halves the sort behind `unique`.
+    key_type = torch.int32 if chunk_size * num_all < 2**31 else torch.int64
+
+    def expand(chunk: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        start, stop = chunk
         sources = nn_index[start:stop, :k2_width].flatten()  # (B, k2) -> (B * k2,)
         owner, position = _expand(pointers, sources)
-        key = torch.div(owner, k2_width, rounding_mode="floor") * num_all + columns.index_select(0, position)
+        row = torch.div(owner, k2_width, rounding_mode="floor").to(key_type)
+        key = row * num_all + columns.index_select(0, position).to(key_type)
         unique, inverse = torch.unique(key, return_inverse=True)
         summed = values.new_zeros(unique.numel()).index_add_(0, inverse, values.index_select(0, position))
-        rows_out.append(torch.div(unique, num_all, rounding_mode="floor") + start)
-        cols_out.append(unique % num_all)
-        vals_out.append(summed / k2_width)
-    return _pointers(torch.cat(rows_out), num_all), torch.cat(cols_out), torch.cat(vals_out)
+        unique = unique.long()
+        return torch.div(unique, num_all, rounding_mode="floor") + start, unique % num_all, summed / k2_width
+
+    parts = _run_chunks(expand, _chunks(num_all, chunk_size), workers, "re-ranking: query expansion", show)
+    rows = torch.cat([part[0] for part in parts])
+    return _pointers(rows, num_all), torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
 
 
-def _jaccard(encoding, num_query: int, out: torch.Tensor, lambda_value: float, show: bool) -> torch.Tensor:
+def _jaccard_tables(columns, values, gallery_rows, num_all):
+    """The inverted index of the gallery rows of V, as padded tables grouped by column degree.
+
+    Column k's gallery entries (row j, value V_jk) fill one row of the table of width w(k): its degree rounded up
+    to a quarter-octave step (exact up to 8, then 10, 12, 14, 16, 20, 24, ...: at most 25% padding); padding
+    lanes hold row 0 and value 0, which add min(v, 0) = 0, an exact no-op. Fixed widths turn the gathers of the
+    Jaccard step into row copies instead of per-element gathers.
+
+    Returns:
+        width: (N,) table width of each column (0 when no gallery row has it).
+        slot: (N,) row of each column in its table.
+        tables: {width: ((C_w, width) int32 gallery rows, (C_w, width) values)}.
+    """
+    device = columns.device
+    degree = torch.bincount(columns, minlength=num_all)  # (N,)
+    # Any grouping by column works (the sums are order-independent up to rounding): int32 keys sort faster.
+    order = torch.sort(columns.to(torch.int32)).indices
+    inv_rows, inv_values = gallery_rows.index_select(0, order), values.index_select(0, order)
+    first = torch.cumsum(degree, 0) - degree  # (N,) offset of each column's entries
+    step = torch.pow(2, (torch.log2((degree - 1).clamp(min=1).double()).floor().long() - 2).clamp(min=0))
+    width = torch.div(degree + step - 1, step, rounding_mode="floor") * step  # 0 where no gallery row has k
+    present = degree > 0
+    slot, tables = torch.zeros_like(degree), {}
+    for lanes in torch.unique(width[present]).tolist():
+        cols = (width == lanes).nonzero()[:, 0]
+        slot[cols] = torch.arange(cols.numel(), device=device)
+        lane = torch.arange(lanes, device=device)
+        valid = lane < degree.index_select(0, cols)[:, None]  # (C, lanes)
+        index = (first.index_select(0, cols)[:, None] + lane).clamp_(max=max(inv_rows.numel() - 1, 0)).view(-1)
+        rows = inv_rows.index_select(0, index).view(valid.shape).masked_fill_(~valid, 0)
+        tables[lanes] = (rows, inv_values.index_select(0, index).view(valid.shape).masked_fill_(~valid, 0.0))
+    return width, slot, tables
+
+
+def _jaccard(encoding, num_query: int, out: torch.Tensor, row_max, lambda_value: float, workers: int, show: bool):
     """Mixes the Jaccard distances of the query rows to the gallery rows of V into `out` (Q, G), in place.
 
-    `out` holds the normalised original distances and ends as (1 - lambda) * Jaccard + lambda * original.
+    `out` holds the raw query-to-gallery squared distances and ends as (1 - lambda) * Jaccard + lambda * original,
+    with the original distances divided by `row_max` of their query row. Since the Jaccard distance is
+    1 - s / (2 - s) = 2 - 2 / (2 - s), the result is lambda * d / max + 2 (1 - lambda) - 2 (1 - lambda) / (2 - s):
+    one pass over `out` before the sums and one after, the accumulator holding 2 - s directly.
+    The sums s_ij = sum_k min(V_ik, V_jk) run over (query entry, gallery entry) pairs sharing a column k: each
+    query entry gathers its column's row of the padded inverted index and adds its minima into a dense block.
     """
     pointers, columns, values = encoding
     num_all = pointers.numel() - 1
-    device = columns.device
-    row_of = torch.repeat_interleave(torch.arange(num_all, device=device), pointers[1:] - pointers[:-1])
-    # Inverted index over gallery rows only: for each column k, the gallery items j with V[j, k] != 0.
-    first_gallery = int(pointers[num_query])
-    order = torch.sort(columns[first_gallery:], stable=True).indices
-    inv_rows = row_of[first_gallery:].index_select(0, order) - num_query
-    inv_values = values[first_gallery:].index_select(0, order)
-    inv_pointers = _pointers(columns[first_gallery:].index_select(0, order), num_all)
-    degree = inv_pointers[1:] - inv_pointers[:-1]  # (N,)
-    work = torch.cumsum(degree.index_select(0, columns[:first_gallery]), 0)  # pairs needed up to each query entry
-    work = torch.cat([work.new_zeros(1), work])[pointers[: num_query + 1]]  # (Q + 1,) pairs before each row
     num_gallery = out.shape[1]
-    max_rows = max(1, min(num_query, _JACCARD_BLOCK // num_gallery))
+    device = columns.device
+    counts = pointers[1:] - pointers[:-1]
+    first_gallery = int(pointers[num_query])
+    # Flat indices into a (rows x G) block stay below 2^31 (`_JACCARD_BLOCK`): int32 halves their traffic.
+    gallery_rows = torch.repeat_interleave(
+        torch.arange(num_gallery, device=device, dtype=torch.int32), counts[num_query:]
+    )
+    width, slot, tables = _jaccard_tables(columns[first_gallery:], values[first_gallery:], gallery_rows, num_all)
+    query_columns, query_values = columns[:first_gallery], values[:first_gallery]
+    query_rows = torch.repeat_interleave(torch.arange(num_query, device=device), counts[:num_query])
+    entry_width = width.index_select(0, query_columns)  # (E,) padded pairs of each query entry
+    # Row blocks of about equal work (padded pairs), at least two per worker, each within one accumulator.
+    work = torch.cumsum(entry_width, 0)
+    work = torch.cat([work.new_zeros(1), work])[pointers[: num_query + 1]]  # (Q + 1,) pairs before each row
+    max_rows = max(1, min(num_query, _JACCARD_BLOCK // (num_gallery * workers)))  # one accumulator per worker
+    share = max(1, -(-int(work[-1]) // (2 * workers)))
     start, bounds = 0, []
     while start < num_query:
-        target = work[start] + _JACCARD_PAIR_BUDGET
-        stop = min(int(torch.searchsorted(work, target, right=True)) - 1, start + max_rows)
+        stop = min(int(torch.searchsorted(work, work[start] + share, right=True)) - 1, start + max_rows)
         bounds.append((start, max(stop, start + 1)))
         start = bounds[-1][1]
-    scratch = values.new_empty(max_rows * num_gallery)
-    for start, stop in track(bounds, description="re-ranking: jaccard", disable=not show, transient=True):
+    # lambda * d / max + 2 (1 - lambda), in place: the constant comes in as a broadcast (1, 1) tensor.
+    torch.addcdiv(
+        out.new_full((1, 1), 2.0 * (1.0 - lambda_value)), out, row_max[:num_query, None], value=lambda_value, out=out
+    )
+    one = out.new_ones(1, 1)
+    local = threading.local()
+
+    def accumulate(block: tuple[int, int]) -> None:
+        start, stop = block
+        if not hasattr(local, "scratch"):  # per-worker (rows x G) accumulator
+            local.scratch = values.new_empty(max_rows * num_gallery)
         low, high = int(pointers[start]), int(pointers[stop])
-        owner, position = _expand(inv_pointers, columns[low:high])
-        shared = torch.minimum(values[low:high].index_select(0, owner), inv_values.index_select(0, position))
-        flat = (row_of[low:high] - start).index_select(0, owner) * num_gallery + inv_rows.index_select(0, position)
-        total = scratch[: (stop - start) * num_gallery].zero_().index_add_(0, flat, shared)
-        total = total.view(stop - start, num_gallery)  # (B * G,) -> (B, G)
-        jaccard = total.neg_().add_(2.0).reciprocal_().mul_(-2.0).add_(2.0)  # 1 - s / (2 - s) = 2 - 2 / (2 - s)
-        out[start:stop].mul_(lambda_value).add_(jaccard, alpha=1.0 - lambda_value)
+        total = local.scratch[: (stop - start) * num_gallery].fill_(2.0)
+        offset = ((query_rows[low:high] - start) * num_gallery).to(torch.int32)  # (E,) start of each entry's row
+        # The block's entries grouped by table width, each group in pieces of at most `_JACCARD_PAIR_BUDGET` pairs.
+        block_width, order = torch.sort(entry_width[low:high])
+        lanes_of, group_sizes = torch.unique_consecutive(block_width, return_counts=True)
+        first = 0
+        for lanes, size in zip(lanes_of.tolist(), group_sizes.tolist(), strict=True):
+            group, first = order[first : first + size], first + size
+            if lanes == 0:
+                continue
+            table_rows, table_values = tables[lanes]
+            piece = max(1, _JACCARD_PAIR_BUDGET // lanes)
+            for entries in group.split(piece):
+                row = slot.index_select(0, query_columns.index_select(0, entries + low))
+                mine = query_values.index_select(0, entries + low)[:, None]
+                shared = torch.minimum(table_values.index_select(0, row), mine)
+                flat = table_rows.index_select(0, row).add_(offset.index_select(0, entries)[:, None])
+                total.index_add_(0, flat.view(-1), shared.view(-1), alpha=-1.0)  # 2 - s
+        out[start:stop].addcdiv_(one, total.view(stop - start, num_gallery), value=-2.0 * (1.0 - lambda_value))
+
+    _run_chunks(accumulate, bounds, workers, "re-ranking: jaccard", show)
     return out
 
 
@@ -285,20 +424,21 @@ def re_ranking(
     half_width = min(round(k1 / 2) + 1, num_all)
     k2_width = min(k2, num_all)
     with torch.no_grad():
-        if approx_candidates is None:
-            # Only the ranks the algorithm reads: the few expanded-set members beyond them (about 2 per item on
-            # clustered features) get their distance from a direct dot product, cheaper than a wider topk.
-            width = max(k1_width, k2_width)
-            nn_dist, nn_index, row_max, query_gallery = _exact_neighbours(features, width, num_query, chunk_size, show)
-        else:
+        if approx_candidates is not None:  # FAISS (or torch) search with all of its threads
             width = min(num_all, approx_candidates)
             k1_width, half_width, k2_width = min(k1_width, width), min(half_width, width), min(k2_width, width)
             nn_dist, nn_index, row_max, query_gallery = _approx_neighbours(features, width, num_query, chunk_size)
-        with _sparse_threads(features.device):
-            encoding = _encode(features, nn_dist, nn_index, row_max, k1_width, half_width, chunk_size, show)
+        with _sparse_threads(features.device) as workers:
+            if approx_candidates is None:
+                # Only the ranks the algorithm reads: expanded-set members beyond them get their distance from a
+                # direct dot product, cheaper than a wider topk.
+                width = max(k1_width, k2_width)
+                nn_dist, nn_index, row_max, query_gallery = _exact_neighbours(
+                    features, width, num_query, chunk_size, workers, show
+                )
+            encoding = _encode(features, nn_dist, nn_index, row_max, k1_width, half_width, chunk_size, workers, show)
             del nn_dist
             if k2 != 1:
-                encoding = _query_expansion(encoding, nn_index, k2_width, chunk_size, show)
+                encoding = _query_expansion(encoding, nn_index, k2_width, chunk_size, workers, show)
             del nn_index
-            query_gallery /= row_max[:num_query, None]
-            return _jaccard(encoding, num_query, query_gallery, lambda_value, show)
+            return _jaccard(encoding, num_query, query_gallery, row_max, lambda_value, workers, show)
