@@ -63,18 +63,22 @@ def test_matches_reference_in_small_pieces_on_two_workers(monkeypatch, cluster_s
     monkeypatch.setattr(reranking, "_JACCARD_PAIR_BUDGET", 64)
     monkeypatch.setattr(reranking, "_JACCARD_BLOCK", 8 * (num - num_query))
     monkeypatch.setattr(reranking, "_DISTANCE_BLOCK", 1)
+    monkeypatch.setattr(reranking, "_BLOCK_EDGE", 64)  # the whole-matrix pass: 8 x 8 blocks, 28 of them mirrored
     threads = torch.get_num_threads()
+    results = []
     try:
-        results = []
-        for workers in (1, 2):
-            torch.set_num_threads(workers)
-            results.append(run(features, num_query, chunk_size=50))
+        for full_matrix in (True, False):  # below and above `_FULL_DISTANCE_BYTES`
+            monkeypatch.setattr(reranking, "_FULL_DISTANCE_BYTES", 1 << 40 if full_matrix else 0)
+            for workers in (1, 2):
+                torch.set_num_threads(workers)
+                results.append(run(features, num_query, chunk_size=50))
     finally:
         torch.set_num_threads(threads)
     assert calls, "no expanded-set member outside the k1 + 1 nearest: the test misses that path"
-    np.testing.assert_allclose(results[0], expected, atol=1e-4, rtol=0)
-    # The worker count changes only rounding (chunk shapes differ, so do the products' summation orders).
-    np.testing.assert_allclose(results[1], results[0], atol=1e-6, rtol=0)
+    for result in results:
+        np.testing.assert_allclose(result, expected, atol=1e-4, rtol=0)
+        # Paths and worker counts change only rounding (block shapes, so the products' summation orders).
+        np.testing.assert_allclose(result, results[0], atol=1e-6, rtol=0)
 
 
 def test_chunk_size_invariance():
