@@ -1,4 +1,4 @@
-"""k-reciprocal re-ranking in plain torch, with memory that grows with N * k instead of N * N.
+"""Exact k-reciprocal re-ranking in plain torch, at about twice the cost of the bare N x N product.
 
 Zhong, Zheng, Cao and Li, "Re-ranking Person Re-identification with k-reciprocal Encoding", CVPR 2017.
 The conventions are those of the authors' published NumPy `re_ranking` function (see DOMAIN.md §5 and
@@ -8,10 +8,16 @@ over the top k1 + 1, the 2/3 expansion with sets over the top round(k1 / 2) + 1 
 weights exp(-d) normalised over the expanded set, local query expansion averaging the rows of the top k2
 items among all N (none if k2 = 1), Jaccard distance 1 - s / (2 - s) with s = sum_k min(V_ik, V_jk).
 
-How it stays small: one pass over row chunks of the N x N distances keeps only each row's maximum, its
-max(k1 + 1, k2) nearest neighbours and the Q x G block (the output); the encodings V are sparse CSR tensors;
-the Jaccard sums run through an inverted index (V by column) with gathers and `index_add_`. Memory is the
-output plus O(N * k1^2) for the encodings plus max(chunk_size * N, 2^24) floats for one distance block.
+How it stays small and fast:
+- distances: up to N = 11,585 (512 MiB) the N x N squared distances are held whole, as the bare product
+  `features @ features.T` holds them, and only the upper block triangle is multiplied; beyond that, one pass
+  over row chunks keeps only each row's maximum, its max(k1 + 1, k2) nearest neighbours and the Q x G block
+  (the output), with chunk_size x N floats per worker;
+- the encodings V are sparse CSR tensors, O(N * k1^2) entries; expanded-set members outside an item's
+  neighbour list get their distance from a direct dot product;
+- the Jaccard sums run through an inverted index of the gallery rows (padded tables by column degree), with
+  row gathers and `index_add_` into a (rows x G) accumulator per worker.
+On the CPU independent chunks run on a few Python threads, each op single-threaded (see `_chunk_workers`).
 The only deviations from the published function are float rounding (about 1e-7) and ties between exactly equal
 distances, which `torch.topk` may order differently from NumPy's argsort.
 """
@@ -47,14 +53,15 @@ _PAIR_ROWS = 2048
 
 
 @contextmanager
-def _sparse_threads(device: torch.device) -> Iterator[int]:
-    """One intra-op thread on the CPU for the sparse stages; yields how many chunk workers to run instead.
+def _chunk_workers(device: torch.device) -> Iterator[int]:
+    """One intra-op thread on the CPU for the whole call; yields how many chunk workers to run instead.
 
-    Those stages are many small, memory-bound gathers and scatters. With torch's intra-op threads every op ends
-    at a barrier, and on 2 shared cores under load (average about 4) the sparse stages ran 10x slower with two
-    threads than with one (3-8 s vs 0.3-0.5 s at N = 6,000), each op waiting for a descheduled peer. Instead,
-    independent chunks run on as many Python threads as torch had intra-op threads (ops release the GIL), each
-    op single-threaded: a worker that is descheduled delays only its own chunks. On a GPU: one worker.
+    The sparse stages are many small, memory-bound gathers and scatters. With torch's intra-op threads every op
+    ends at a barrier, and on 2 shared cores under load (average about 4) they ran 10x slower with two threads
+    than with one (3-8 s vs 0.3-0.5 s at N = 6,000), each op waiting for a descheduled peer. Instead, independent
+    chunks (blocks of the product, row strips, encoding and Jaccard row blocks) run on as many Python threads as
+    torch had intra-op threads (ops release the GIL), each op single-threaded: a worker that is descheduled
+    delays only its own chunks. On a GPU: one worker, the device's own parallelism.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
@@ -445,8 +452,8 @@ def re_ranking(
         k1: size of the k-reciprocal neighbourhood (the top k1 + 1 including the item itself).
         k2: size of the local query expansion; 1 disables it.
         lambda_value: weight of the original (row-normalised squared Euclidean) distance.
-        chunk_size: rows processed at once; memory is about max(chunk_size * N, 2^24) floats for the distance
-            pass (the pass takes at least 64 MB blocks, which run faster).
+        chunk_size: at most this many rows per chunk of the encodings and, above N = 11,585, of the distance
+            pass (there at least 2^24 floats per chunk: larger products run faster; chunk x N floats per worker).
         progress: show a progress bar; None shows it when Q + G >= 20,000.
         approx_candidates: C, or None for exact. With C, neighbours come from `search.topk` (FAISS when
             installed, on a GPU when it sees one) and only each item's C nearest are read: k1 + 1,
@@ -476,7 +483,7 @@ def re_ranking(
             width = min(num_all, approx_candidates)
             k1_width, half_width, k2_width = min(k1_width, width), min(half_width, width), min(k2_width, width)
             nn_dist, nn_index, row_max, query_gallery = _approx_neighbours(features, width, num_query, chunk_size)
-        with _sparse_threads(features.device) as workers:
+        with _chunk_workers(features.device) as workers:
             if approx_candidates is None:
                 # Only the ranks the algorithm reads: expanded-set members beyond them get their distance from a
                 # direct dot product, cheaper than a wider topk.
