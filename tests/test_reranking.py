@@ -64,6 +64,7 @@ def test_matches_reference_in_small_pieces_on_two_workers(monkeypatch, cluster_s
     monkeypatch.setattr(reranking, "_JACCARD_BLOCK", 8 * (num - num_query))
     monkeypatch.setattr(reranking, "_DISTANCE_BLOCK", 1)
     monkeypatch.setattr(reranking, "_BLOCK_EDGE", 64)  # the whole-matrix pass: 8 x 8 blocks, 28 of them mirrored
+    monkeypatch.setattr(reranking, "_TOPK_GROUP", 3)  # neighbour lists through the grouped pre-selection
     threads = torch.get_num_threads()
     results = []
     try:
@@ -79,6 +80,20 @@ def test_matches_reference_in_small_pieces_on_two_workers(monkeypatch, cluster_s
         np.testing.assert_allclose(result, expected, atol=1e-4, rtol=0)
         # Paths and worker counts change only rounding (block shapes, so the products' summation orders).
         np.testing.assert_allclose(result, results[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("rows", "length", "k"), [(7, 1000, 21), (5, 1003, 21), (3, 500, 7), (4, 100, 21)])
+def test_smallest_equals_topk(rows, length, k):
+    """The grouped pre-selection returns topk's values and indices, remainder columns and ties included."""
+    generator = torch.Generator().manual_seed(length)
+    values = torch.rand(rows, length, generator=generator)
+    values[:, -1] = -1.0  # the smallest entry in the remainder columns (length % 16 of them) when there are any
+    values[0, 10:40] = values[0, 3]  # a run of ties
+    expected = torch.topk(values, k, dim=1, largest=False)
+    got = reranking._smallest(values, k)
+    torch.testing.assert_close(got[0], expected.values, rtol=0, atol=0)
+    assert torch.equal(values.gather(1, got[1]), got[0])  # the indices point at those values
+    assert all(len(set(row)) == k for row in got[1].tolist())  # k distinct columns per row
 
 
 def test_chunk_size_invariance():

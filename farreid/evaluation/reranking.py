@@ -42,6 +42,8 @@ _DISTANCE_BLOCK = 1 << 24
 # N <= 11,585 in float32) and multiplies only its upper block triangle, in blocks of about this many rows.
 _FULL_DISTANCE_BYTES = 1 << 29
 _BLOCK_EDGE = 1024
+# Columns per group of `_smallest`'s pre-selection (at N = 6,000, groups of 10-20 ran topk in 0.6x its time).
+_TOPK_GROUP = 16
 # Above this many items the progress bar is shown by default.
 _PROGRESS_MIN_ITEMS = 20_000
 # Upper bounds on the (query entry, gallery entry) pairs gathered at once by the Jaccard step, and on the
@@ -115,6 +117,27 @@ def _pointers(row_of_entry: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
 
+def _smallest(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk(rows, k, dim=1, largest=False)` (sorted), about 1.6x faster on long rows.
+
+    The columns are split into groups {a * S + b : a < L} of L = `_TOPK_GROUP` (S = n // L groups, plus the last
+    n - S * L columns). The k smallest entries of a row lie in the k groups with the smallest minima (any k of its
+    entries outside them would have k smaller group minima beside them), so only those k * L + (n - S * L)
+    candidates go through the exact topk. Ties between equal values may be ordered differently, as with topk.
+    """
+    num_rows, length = rows.shape
+    groups = length // _TOPK_GROUP
+    if groups < 4 * k:
+        return torch.topk(rows, k, dim=1, largest=False)
+    grid = rows[:, : groups * _TOPK_GROUP].unflatten(1, (_TOPK_GROUP, groups))  # (B, L, S), [a, b] = a * S + b
+    chosen = torch.topk(grid.amin(dim=1), k, dim=1, largest=False).indices  # (B, k)
+    offsets = torch.arange(_TOPK_GROUP, device=rows.device)[None, :, None] * groups  # (1, L, 1)
+    tail = torch.arange(groups * _TOPK_GROUP, length, device=rows.device).expand(num_rows, -1)
+    columns = torch.cat([(offsets + chosen[:, None, :]).flatten(1), tail], 1)  # (B, L * k + rest)
+    values, pick = torch.topk(rows.gather(1, columns), k, dim=1, largest=False)
+    return values, columns.gather(1, pick)
+
+
 def _exact_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_size: int, workers: int, show: bool):
     """All pairwise squared distances, their row maxima, each row's `width` nearest and the Q x G block.
 
@@ -154,7 +177,7 @@ def _exact_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_
             full[top:bottom, first:last].copy_(full[first:last, top:bottom].T)
         strip = full[top:bottom]
         torch.amax(strip, dim=1, out=row_max[top:bottom])
-        torch.topk(strip, width, dim=1, largest=False, out=(nn_dist[top:bottom], nn_index[top:bottom]))
+        nn_dist[top:bottom], nn_index[top:bottom] = _smallest(strip, width)
         if top < num_query:
             query_gallery[top : min(bottom, num_query)] = strip[: num_query - top, num_query:]
 
@@ -185,8 +208,9 @@ def _strip_neighbours(features, squared, width: int, num_query: int, chunk_size:
         )
         own = squared[start:stop, None]  # (B, 1)
         torch.add(partial.amax(dim=1), own[:, 0], out=row_max[start:stop])
-        torch.topk(partial, width, dim=1, largest=False, out=(nn_dist[start:stop], nn_index[start:stop]))
-        nn_dist[start:stop] += own
+        values, indices = _smallest(partial, width)
+        torch.add(values, own, out=nn_dist[start:stop])
+        nn_index[start:stop] = indices
         if start < num_query:
             rows = min(stop, num_query) - start
             torch.add(partial[:rows, num_query:], own[:rows], out=query_gallery[start : start + rows])
@@ -212,11 +236,20 @@ def _approx_neighbours(features: torch.Tensor, width: int, num_query: int, chunk
     return nn_dist.to(features.device), nn_index.to(features.device), row_max, query_gallery
 
 
-def _reciprocal(neighbours: torch.Tensor) -> torch.Tensor:
-    """(N, K) mask: is row i in the top K of its m-th neighbour `neighbours[i, m]`?"""
-    own = torch.arange(neighbours.shape[0], device=neighbours.device)[:, None, None]
-    their = neighbours.index_select(0, neighbours.flatten()).view(*neighbours.shape, -1)  # (N, K, K)
-    return (their == own).any(dim=-1)  # (N, K)
+def _reciprocal(neighbours: torch.Tensor, workers: int) -> torch.Tensor:
+    """(N, K) mask: is row i in the top K of its m-th neighbour `neighbours[i, m]`? In row chunks, whose (B, K, K)
+    gathers stay in cache."""
+    mask = torch.empty(neighbours.shape, dtype=torch.bool, device=neighbours.device)
+
+    def reciprocal(chunk: tuple[int, int]) -> None:
+        start, stop = chunk
+        rows = neighbours[start:stop]
+        their = neighbours.index_select(0, rows.flatten()).view(*rows.shape, -1)  # (B, K, K)
+        own = torch.arange(start, stop, device=neighbours.device)[:, None, None]
+        torch.any(their == own, dim=-1, out=mask[start:stop])
+
+    _run_chunks(reciprocal, _chunks(neighbours.shape[0], 512, workers), workers, "re-ranking: reciprocal", False)
+    return mask
 
 
 def _pair_distances(features, squared, left, right, scratch) -> torch.Tensor:
@@ -244,9 +277,9 @@ def _encode(features, nn_dist, nn_index, row_max, k1_width, half_width, chunk_si
     num_all, device = features.shape[0], features.device
     squared = torch.linalg.vector_norm(features, dim=1).square_()  # (N,)
     top = nn_index[:, :k1_width]
-    recip = _reciprocal(top)
+    recip = _reciprocal(top, workers)
     half = nn_index[:, :half_width]
-    recip_half = _reciprocal(half)
+    recip_half = _reciprocal(half, workers)
     # The distances already known (each row's M nearest) as one sorted key array row * N + column, so that any
     # (row, column) pair is looked up by a single 1-D searchsorted.
     known_index, order = torch.sort(nn_index, dim=1)
