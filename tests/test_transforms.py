@@ -167,3 +167,20 @@ def test_batched_augment_equals_one_tracklet_at_a_time():
         torch.testing.assert_close(batched[b], transform.augment(frames[b : b + 1], params[b : b + 1])[0])
     # and the single-tracklet path is the reference checked by the tests above (flip, shift, jitter, erase)
     assert len({tuple(p.tolist()) for p in params}) == 6
+
+
+def test_cpu_slices_equal_the_device_gather_and_mask():
+    """The CPU path (slice copies per tracklet) and the device path (one batched gather / mask) agree exactly,
+    for every shift up to the padding, both flips and boxes touching the borders."""
+    from farreid.data.transforms import _erase, _shift_flip
+
+    transform = TrackletTransform(image_size=(12, 7), training=True, pad=6, erase_p=1.0)
+    frames = torch.randint(0, 256, (40, 3, 3, 12, 7), dtype=torch.uint8)
+    params = torch.stack([transform.draw(random.Random(seed)) for seed in range(40)])
+    params[0, [1, 2]] = torch.tensor([6.0, -6.0])  # SHIFT_Y, SHIFT_X at the padding's extremes
+    params[1, 6:10] = torch.tensor([0.0, 0.0, 12.0, 7.0])  # an erase box covering the whole frame
+    assert {0.0, 1.0} <= set(params[:, 0].tolist())  # flipped and unflipped tracklets
+    assert torch.equal(_shift_flip(frames, params, sliced=True), _shift_flip(frames, params, sliced=False))
+    values = torch.rand(40, 3, 3, 12, 7)
+    assert torch.equal(_erase(values.clone(), params, sliced=True), _erase(values.clone(), params, sliced=False))
+    assert (_erase(values.clone(), params, sliced=True)[1] == 0).all()

@@ -57,9 +57,52 @@ def _normalize01(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    """Luma of (..., 3, H, W) -> (..., 1, H, W) (ITU-R 601 weights)."""
-    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype)
-    return torch.einsum("...chw,c->...hw", x, weights).unsqueeze(-3)
+    """Luma of (..., 3, H, W) -> (..., 1, H, W) (ITU-R 601 weights). Three scaled adds of channel planes: an
+    `einsum` over the channel axis permuted and copied the whole clip first (5x slower on the CPU)."""
+    red, green, blue = x.unbind(-3)
+    return (red * 0.299).add_(green, alpha=0.587).add_(blue, alpha=0.114).unsqueeze(-3)
+
+
+def _shift_flip(frames: torch.Tensor, p: torch.Tensor, sliced: bool | None = None) -> torch.Tensor:
+    """out[y, x] = in[y + sy, x + sx] of each tracklet's (optionally flipped) frames, zero outside: (B, T, 3, H, W).
+
+    On the CPU one slice copy per tracklet; elsewhere one batched gather through a per-tracklet (H * W) source map
+    shared by all frames and channels (no host synchronisation). Both give the same uint8 pixels; `sliced`
+    overrides the choice.
+    """
+    b, t, c, h, w = frames.shape
+    if frames.device.type == "cpu" if sliced is None else sliced:
+        out = torch.zeros_like(frames)
+        for i, (flip, dy, dx) in enumerate(p[:, [FLIP, SHIFT_Y, SHIFT_X]].long().tolist()):
+            source = frames[i].flip(-1) if flip else frames[i]
+            top, bottom, left, right = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
+            if top < bottom and left < right:
+                out[i, :, :, top:bottom, left:right] = source[:, :, top + dy : bottom + dy, left + dx : right + dx]
+        return out
+    ys = torch.arange(h, device=frames.device)[None] + p[:, SHIFT_Y, None].long()  # (B, H)
+    xs = torch.arange(w, device=frames.device)[None] + p[:, SHIFT_X, None].long()  # (B, W)
+    inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]  # (B, H, W)
+    xs = torch.where(p[:, FLIP, None] > 0, w - 1 - xs, xs)
+    source = ys.clamp(0, h - 1)[:, :, None] * w + xs.clamp(0, w - 1)[:, None, :]  # (B, H, W)
+    pixels = frames.reshape(b, t * c, h * w)  # (B, T, 3, H, W) -> (B, T*3, H*W)
+    moved = pixels.gather(2, source.view(b, 1, h * w).expand(b, t * c, h * w))
+    return moved.view(b, t, c, h, w).mul_(inside[:, None, None])  # (B, H, W) -> (B, 1, 1, H, W)
+
+
+def _erase(x: torch.Tensor, p: torch.Tensor, sliced: bool | None = None) -> torch.Tensor:
+    """Zero each tracklet's (top, left, height, width) box in all its frames, in place: slices on the CPU, one
+    broadcast mask elsewhere (no host synchronisation); `sliced` overrides the choice."""
+    h, w = x.shape[-2:]
+    if x.device.type == "cpu" if sliced is None else sliced:
+        for i, (top, left, height, width) in enumerate(p[:, [TOP, LEFT, HEIGHT, WIDTH]].long().tolist()):
+            if height > 0 and width > 0:
+                x[i, :, :, top : top + height, left : left + width] = 0.0
+        return x
+    top, left, eh, ew = (p[:, i, None] for i in (TOP, LEFT, HEIGHT, WIDTH))  # (B, 1) each
+    ys = torch.arange(h, device=x.device)[None]
+    xs = torch.arange(w, device=x.device)[None]
+    box = ((ys >= top) & (ys < top + eh))[:, :, None] & ((xs >= left) & (xs < left + ew))[:, None, :]
+    return x.masked_fill_(box[:, None, None], 0.0)  # (B, H, W) -> (B, 1, 1, H, W)
 
 
 class TrackletTransform:
@@ -149,16 +192,7 @@ class TrackletTransform:
         b, t, c, h, w = frames.shape
         p = params.to(device=frames.device, dtype=torch.float32)
         if self.flip_p > 0 or self.pad > 0:
-            # out[y, x] = in[y + sy, x + sx] (after the flip), zero where that falls outside the frame: one gather
-            # of uint8 pixels through a per-tracklet (H * W) source map shared by all frames and channels.
-            ys = torch.arange(h, device=frames.device)[None] + p[:, SHIFT_Y, None].long()  # (B, H)
-            xs = torch.arange(w, device=frames.device)[None] + p[:, SHIFT_X, None].long()  # (B, W)
-            inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]  # (B, H, W)
-            xs = torch.where(p[:, FLIP, None] > 0, w - 1 - xs, xs)
-            source = ys.clamp(0, h - 1)[:, :, None] * w + xs.clamp(0, w - 1)[:, None, :]  # (B, H, W)
-            pixels = frames.reshape(b, t * c, h * w)  # (B, T, 3, H, W) -> (B, T*3, H*W)
-            moved = pixels.gather(2, source.view(b, 1, h * w).expand(b, t * c, h * w))
-            frames = moved.view(b, t, c, h, w).mul_(inside[:, None, None])  # (B, H, W) -> (B, 1, 1, H, W)
+            frames = _shift_flip(frames, p)
         if self.color_jitter > 0:
             # Brightness x * f (folded into the uint8 -> [0, 1] scaling), then contrast and saturation as
             # (x - m) * f + m = lerp(x, m, 1 - f) with m the frame's mean grey or the pixel's grey, each clamped.
@@ -171,11 +205,7 @@ class TrackletTransform:
             x = frames.float().div_(255.0)
         x = _normalize01(x)
         if self.erase_p > 0:
-            top, left, eh, ew = (p[:, i, None] for i in (TOP, LEFT, HEIGHT, WIDTH))  # (B, 1) each
-            ys = torch.arange(h, device=x.device)[None]
-            xs = torch.arange(w, device=x.device)[None]
-            box = ((ys >= top) & (ys < top + eh))[:, :, None] & ((xs >= left) & (xs < left + ew))[:, None, :]
-            x.masked_fill_(box[:, None, None], 0.0)  # (B, H, W) -> (B, 1, 1, H, W)
+            x = _erase(x, p)
         return x
 
     def __call__(self, images: list[np.ndarray | Image.Image], rng: random.Random | None = None) -> torch.Tensor:
