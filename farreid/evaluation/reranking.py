@@ -430,11 +430,7 @@ def _jaccard(encoding, num_query: int, out: torch.Tensor, row_max, lambda_value:
         stop = min(int(torch.searchsorted(work, work[start] + share, right=True)) - 1, start + max_rows)
         bounds.append((start, max(stop, start + 1)))
         start = bounds[-1][1]
-    # lambda * d / max + 2 (1 - lambda), in place: the constant comes in as a broadcast (1, 1) tensor.
-    torch.addcdiv(
-        out.new_full((1, 1), 2.0 * (1.0 - lambda_value)), out, row_max[:num_query, None], value=lambda_value, out=out
-    )
-    one = out.new_ones(1, 1)
+    constant, one = out.new_full((1, 1), 2.0 * (1.0 - lambda_value)), out.new_ones(1, 1)
     local = threading.local()
 
     def accumulate(block: tuple[int, int]) -> None:
@@ -442,6 +438,9 @@ def _jaccard(encoding, num_query: int, out: torch.Tensor, row_max, lambda_value:
         if not hasattr(local, "scratch"):  # per-worker (rows x G) accumulator
             local.scratch = values.new_empty(max_rows * num_gallery)
         low, high = int(pointers[start]), int(pointers[stop])
+        # lambda * d / max + 2 (1 - lambda), in place (the constant comes in as a broadcast (1, 1) tensor).
+        rows = out[start:stop]
+        torch.addcdiv(constant, rows, row_max[start:stop, None], value=lambda_value, out=rows)
         total = local.scratch[: (stop - start) * num_gallery].fill_(2.0)
         offset = ((query_rows[low:high] - start) * num_gallery).to(torch.int32)  # (E,) start of each entry's row
         # The block's entries grouped by table width, each group in pieces of at most `_JACCARD_PAIR_BUDGET` pairs.
@@ -460,7 +459,7 @@ def _jaccard(encoding, num_query: int, out: torch.Tensor, row_max, lambda_value:
                 shared = torch.minimum(table_values.index_select(0, row), mine)
                 flat = table_rows.index_select(0, row).add_(offset.index_select(0, entries)[:, None])
                 total.index_add_(0, flat.view(-1), shared.view(-1), alpha=-1.0)  # 2 - s
-        out[start:stop].addcdiv_(one, total.view(stop - start, num_gallery), value=-2.0 * (1.0 - lambda_value))
+        rows.addcdiv_(one, total.view(stop - start, num_gallery), value=-2.0 * (1.0 - lambda_value))
 
     _run_chunks(accumulate, bounds, workers, "re-ranking: jaccard", show)
     return out
