@@ -147,12 +147,13 @@ def _exact_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_
 
     Returns:
         (N, width) nearest squared distances and (N, width) their indices, nearest first, self included;
-        (N,) row maxima; (Q, G) the query-to-gallery block of squared distances.
+        (N,) row maxima; (Q, G) the query-to-gallery block of squared distances; the whole (N, N) matrix, or None
+        when it was not held.
     """
     num_all = features.shape[0]
     squared = torch.linalg.vector_norm(features, dim=1).square_()  # (N,)
     if num_all * num_all * features.element_size() > _FULL_DISTANCE_BYTES:
-        return _strip_neighbours(features, squared, width, num_query, chunk_size, workers, show)
+        return *_strip_neighbours(features, squared, width, num_query, chunk_size, workers, show), None
     # |f_i|^2 + |f_j|^2 - 2 f_i.f_j as one product of (N, D + 2) factors: [-2 f_i, 1, |f_i|^2] . [f_j, |f_j|^2, 1].
     ones = features.new_ones(num_all, 1)
     left = torch.cat([features * -2.0, ones, squared[:, None]], 1)
@@ -182,7 +183,7 @@ def _exact_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_
             query_gallery[top : min(bottom, num_query)] = strip[: num_query - top, num_query:]
 
     _run_chunks(neighbours, list(range(len(blocks))), workers, "re-ranking: neighbours", show)
-    return nn_dist, nn_index, row_max, query_gallery
+    return nn_dist, nn_index, row_max, query_gallery, full
 
 
 def _strip_neighbours(features, squared, width: int, num_query: int, chunk_size: int, workers: int, show: bool):
@@ -268,8 +269,11 @@ def _pair_distances(features, squared, left, right, scratch) -> torch.Tensor:
     return squared.index_select(0, left) + squared.index_select(0, right) - 2.0 * products
 
 
-def _encode(features, nn_dist, nn_index, row_max, k1_width, half_width, chunk_size, workers, show):
+def _encode(features, nn_dist, nn_index, row_max, full, k1_width, half_width, chunk_size, workers, show):
     """The sparse k-reciprocal encodings V (one row per item) as CSR (pointers, columns, values).
+
+    `full` is the whole (N, N) distance matrix when the distance pass held it (members' distances are then read
+    from it), else None (they come from the neighbour lists, or from a direct dot product outside them).
 
     Row i holds R*(i) = R(i) plus every accepted half set Rh(c), c in R(i), with Gaussian weights normalised over
     the row. Within a row, the members of R(i) come first (nearest first), then the added members by index.
@@ -280,11 +284,12 @@ def _encode(features, nn_dist, nn_index, row_max, k1_width, half_width, chunk_si
     recip = _reciprocal(top, workers)
     half = nn_index[:, :half_width]
     recip_half = _reciprocal(half, workers)
-    # The distances already known (each row's M nearest) as one sorted key array row * N + column, so that any
-    # (row, column) pair is looked up by a single 1-D searchsorted.
-    known_index, order = torch.sort(nn_index, dim=1)
-    known_key = (torch.arange(num_all, device=device)[:, None] * num_all + known_index).flatten()
-    known_dist = nn_dist.gather(1, order).flatten()
+    if full is None:
+        # The distances already known (each row's M nearest) as one sorted key array row * N + column, so that any
+        # (row, column) pair is looked up by a single 1-D searchsorted.
+        known_index, order = torch.sort(nn_index, dim=1)
+        known_key = (torch.arange(num_all, device=device)[:, None] * num_all + known_index).flatten()
+        known_dist = nn_dist.gather(1, order).flatten()
     chunks = _chunks(num_all, chunk_size, workers)
     local = threading.local()
 
@@ -309,14 +314,18 @@ def _encode(features, nn_dist, nn_index, row_max, k1_width, half_width, chunk_si
         rows = torch.arange(size, device=device)[:, None].expand_as(extra)
         key = torch.unique(rows.masked_select(extra) * num_all + cand.flatten(1).masked_select(extra))
         extra_row, extra_item = torch.div(key, num_all, rounding_mode="floor"), key % num_all
-        # Their distances: known ones by lookup, the rest (outside the row's M nearest) computed directly.
+        # Their distances: from the whole matrix when it is held; else known ones by lookup in the neighbour
+        # lists and the rest (outside the row's M nearest) computed directly.
         global_key = key + start * num_all
-        slot = torch.searchsorted(known_key, global_key).clamp_(max=known_key.numel() - 1)
-        extra_dist = known_dist.index_select(0, slot)
-        miss = (known_key.index_select(0, slot) != global_key).nonzero()[:, 0]
-        if miss.numel():
-            item, other = extra_row.index_select(0, miss) + start, extra_item.index_select(0, miss)
-            extra_dist[miss] = _pair_distances(features, squared, item, other, local.pairs)
+        if full is not None:
+            extra_dist = full.view(-1).index_select(0, global_key)
+        else:
+            slot = torch.searchsorted(known_key, global_key).clamp_(max=known_key.numel() - 1)
+            extra_dist = known_dist.index_select(0, slot)
+            miss = (known_key.index_select(0, slot) != global_key).nonzero()[:, 0]
+            if miss.numel():
+                item, other = extra_row.index_select(0, miss) + start, extra_item.index_select(0, miss)
+                extra_dist[miss] = _pair_distances(features, squared, item, other, local.pairs)
         # One padded (B, K1 + A) block per chunk: R(i) in the first K1 lanes, the added members after them.
         counts = torch.bincount(extra_row, minlength=size)
         lanes = int(counts.max()) if key.numel() else 0
@@ -515,16 +524,19 @@ def re_ranking(
             width = min(num_all, approx_candidates)
             k1_width, half_width, k2_width = min(k1_width, width), min(half_width, width), min(k2_width, width)
             nn_dist, nn_index, row_max, query_gallery = _approx_neighbours(features, width, num_query, chunk_size)
+            full = None
         with _chunk_workers(features.device) as workers:
             if approx_candidates is None:
                 # Only the ranks the algorithm reads: expanded-set members beyond them get their distance from a
                 # direct dot product, cheaper than a wider topk.
                 width = max(k1_width, k2_width)
-                nn_dist, nn_index, row_max, query_gallery = _exact_neighbours(
+                nn_dist, nn_index, row_max, query_gallery, full = _exact_neighbours(
                     features, width, num_query, chunk_size, workers, show
                 )
-            encoding = _encode(features, nn_dist, nn_index, row_max, k1_width, half_width, chunk_size, workers, show)
-            del nn_dist
+            encoding = _encode(
+                features, nn_dist, nn_index, row_max, full, k1_width, half_width, chunk_size, workers, show
+            )
+            del nn_dist, full
             if k2 != 1:
                 encoding = _query_expansion(encoding, nn_index, k2_width, chunk_size, workers, show)
             del nn_index
