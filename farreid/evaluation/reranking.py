@@ -371,7 +371,7 @@ def _query_expansion(encoding, nn_index, k2_width, chunk_size, workers, show):
     return _pointers(rows, num_all), torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
 
 
-def _jaccard_tables(columns, values, gallery_rows, num_all):
+def _jaccard_tables(columns, values, gallery_rows, num_all: int, workers: int):
     """The inverted index of the gallery rows of V, as padded tables grouped by column degree.
 
     Column k's gallery entries (row j, value V_jk) fill one row of the table of width w(k): its degree rounded up
@@ -394,7 +394,8 @@ def _jaccard_tables(columns, values, gallery_rows, num_all):
     width = torch.div(degree + step - 1, step, rounding_mode="floor") * step  # 0 where no gallery row has k
     present = degree > 0
     slot, tables = torch.zeros_like(degree), {}
-    for lanes in torch.unique(width[present]).tolist():
+
+    def build(lanes: int) -> None:  # one table; tables hold disjoint columns, so workers write disjoint slots
         cols = (width == lanes).nonzero()[:, 0]
         slot[cols] = torch.arange(cols.numel(), device=device)
         lane = torch.arange(lanes, device=device)
@@ -402,6 +403,9 @@ def _jaccard_tables(columns, values, gallery_rows, num_all):
         index = (first.index_select(0, cols)[:, None] + lane).clamp_(max=max(inv_rows.numel() - 1, 0)).view(-1)
         rows = inv_rows.index_select(0, index).view(valid.shape).masked_fill_(~valid, 0)
         tables[lanes] = (rows, inv_values.index_select(0, index).view(valid.shape).masked_fill_(~valid, 0.0))
+
+    widths = torch.unique(width[present]).tolist()
+    _run_chunks(build, widths[::-1], workers, "re-ranking: inverted index", False)  # widest (largest) first
     return width, slot, tables
 
 
@@ -425,7 +429,9 @@ def _jaccard(encoding, num_query: int, out: torch.Tensor, row_max, lambda_value:
     gallery_rows = torch.repeat_interleave(
         torch.arange(num_gallery, device=device, dtype=torch.int32), counts[num_query:]
     )
-    width, slot, tables = _jaccard_tables(columns[first_gallery:], values[first_gallery:], gallery_rows, num_all)
+    width, slot, tables = _jaccard_tables(
+        columns[first_gallery:], values[first_gallery:], gallery_rows, num_all, workers
+    )
     query_columns, query_values = columns[:first_gallery], values[:first_gallery]
     query_rows = torch.repeat_interleave(torch.arange(num_query, device=device), counts[:num_query])
     entry_width = width.index_select(0, query_columns)  # (E,) padded pairs of each query entry
