@@ -88,10 +88,12 @@ def test_smallest_equals_topk(rows, length, k):
     generator = torch.Generator().manual_seed(length)
     values = torch.rand(rows, length, generator=generator)
     values[:, -1] = -1.0  # the smallest entry in the remainder columns (length % 16 of them) when there are any
+    values[1, -2] = 2.0  # and the largest, in row 1
     values[0, 10:40] = values[0, 3]  # a run of ties
     expected = torch.topk(values, k, dim=1, largest=False)
     got = reranking._smallest(values, k)
     torch.testing.assert_close(got[0], expected.values, rtol=0, atol=0)
+    torch.testing.assert_close(got[2], values.amax(dim=1), rtol=0, atol=0)
     assert torch.equal(values.gather(1, got[1]), got[0])  # the indices point at those values
     assert all(len(set(row)) == k for row in got[1].tolist())  # k distinct columns per row
 

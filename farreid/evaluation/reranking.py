@@ -117,25 +117,32 @@ def _pointers(row_of_entry: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
 
-def _smallest(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch.topk(rows, k, dim=1, largest=False)` (sorted), about 1.6x faster on long rows.
+def _smallest(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`torch.topk(rows, k, dim=1, largest=False)` (sorted) and the row maxima, about 1.6x faster on long rows.
 
     The columns are split into groups {a * S + b : a < L} of L = `_TOPK_GROUP` (S = n // L groups, plus the last
     n - S * L columns). The k smallest entries of a row lie in the k groups with the smallest minima (any k of its
     entries outside them would have k smaller group minima beside them), so only those k * L + (n - S * L)
-    candidates go through the exact topk. Ties between equal values may be ordered differently, as with topk.
+    candidates go through the exact topk. The same pass over the rows yields the group maxima, hence the row
+    maxima. Ties between equal values may be ordered differently, as with topk.
+
+    Returns:
+        (B, k) values, (B, k) their columns, (B,) row maxima.
     """
     num_rows, length = rows.shape
     groups = length // _TOPK_GROUP
     if groups < 4 * k:
-        return torch.topk(rows, k, dim=1, largest=False)
+        return *torch.topk(rows, k, dim=1, largest=False), rows.amax(dim=1)
     grid = rows[:, : groups * _TOPK_GROUP].unflatten(1, (_TOPK_GROUP, groups))  # (B, L, S), [a, b] = a * S + b
-    chosen = torch.topk(grid.amin(dim=1), k, dim=1, largest=False).indices  # (B, k)
+    low, high = torch.aminmax(grid, dim=1)  # (B, S) each
+    tail = rows[:, groups * _TOPK_GROUP :]
+    top = torch.maximum(high.amax(dim=1), tail.amax(dim=1)) if tail.shape[1] else high.amax(dim=1)
+    chosen = torch.topk(low, k, dim=1, largest=False).indices  # (B, k)
     offsets = torch.arange(_TOPK_GROUP, device=rows.device)[None, :, None] * groups  # (1, L, 1)
-    tail = torch.arange(groups * _TOPK_GROUP, length, device=rows.device).expand(num_rows, -1)
-    columns = torch.cat([(offsets + chosen[:, None, :]).flatten(1), tail], 1)  # (B, L * k + rest)
+    rest = torch.arange(groups * _TOPK_GROUP, length, device=rows.device).expand(num_rows, -1)
+    columns = torch.cat([(offsets + chosen[:, None, :]).flatten(1), rest], 1)  # (B, L * k + rest)
     values, pick = torch.topk(rows.gather(1, columns), k, dim=1, largest=False)
-    return values, columns.gather(1, pick)
+    return values, columns.gather(1, pick), top
 
 
 def _exact_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_size: int, workers: int, show: bool):
@@ -170,19 +177,17 @@ def _exact_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_
     nn_dist = features.new_empty(num_all, width)
     nn_index = torch.empty(num_all, width, dtype=torch.long, device=features.device)
     row_max = features.new_empty(num_all)
-    query_gallery = features.new_empty(num_query, num_all - num_query)
+    query_gallery = full[:num_query, num_query:]  # a view: the Jaccard step reads it and writes its own output
 
     def neighbours(row: int) -> None:
         top, bottom = blocks[row]
         for first, last in blocks[:row]:  # the lower blocks of this row strip, mirrored from the upper ones
             full[top:bottom, first:last].copy_(full[first:last, top:bottom].T)
         strip = full[top:bottom]
-        torch.amax(strip, dim=1, out=row_max[top:bottom])
-        nn_dist[top:bottom], nn_index[top:bottom] = _smallest(strip, width)
-        if top < num_query:
-            query_gallery[top : min(bottom, num_query)] = strip[: num_query - top, num_query:]
+        nn_dist[top:bottom], nn_index[top:bottom], row_max[top:bottom] = _smallest(strip, width)
 
-    _run_chunks(neighbours, list(range(len(blocks))), workers, "re-ranking: neighbours", show)
+    # Strips with the most mirrored blocks first, so that the workers end together.
+    _run_chunks(neighbours, list(range(len(blocks)))[::-1], workers, "re-ranking: neighbours", show)
     return nn_dist, nn_index, row_max, query_gallery, full
 
 
@@ -208,8 +213,8 @@ def _strip_neighbours(features, squared, width: int, num_query: int, chunk_size:
             squared[None, :], features[start:stop], features.T, alpha=-2.0, out=local.scratch[: stop - start]
         )
         own = squared[start:stop, None]  # (B, 1)
-        torch.add(partial.amax(dim=1), own[:, 0], out=row_max[start:stop])
-        values, indices = _smallest(partial, width)
+        values, indices, largest = _smallest(partial, width)
+        torch.add(largest, own[:, 0], out=row_max[start:stop])
         torch.add(values, own, out=nn_dist[start:stop])
         nn_index[start:stop] = indices
         if start < num_query:
@@ -409,19 +414,21 @@ def _jaccard_tables(columns, values, gallery_rows, num_all: int, workers: int):
     return width, slot, tables
 
 
-def _jaccard(encoding, num_query: int, out: torch.Tensor, row_max, lambda_value: float, workers: int, show: bool):
+def _jaccard(encoding, num_query: int, distances, row_max, lambda_value: float, workers: int, show: bool):
     """Mixes the Jaccard distances of the query rows to the gallery rows of V into `out` (Q, G), in place.
 
-    `out` holds the raw query-to-gallery squared distances and ends as (1 - lambda) * Jaccard + lambda * original,
-    with the original distances divided by `row_max` of their query row. Since the Jaccard distance is
-    1 - s / (2 - s) = 2 - 2 / (2 - s), the result is lambda * d / max + 2 (1 - lambda) - 2 (1 - lambda) / (2 - s):
-    one pass over `out` before the sums and one after, the accumulator holding 2 - s directly.
+    Returns (Q, G) (1 - lambda) * Jaccard + lambda * original, the original being the raw query-to-gallery squared
+    `distances` (written over when contiguous, else read from) divided by `row_max` of their query row. Since the
+    Jaccard distance is 1 - s / (2 - s) = 2 - 2 / (2 - s), the result is
+    lambda * d / max + 2 (1 - lambda) - 2 (1 - lambda) / (2 - s): one pass over the output before the sums and
+    one after, the accumulator holding 2 - s directly.
     The sums s_ij = sum_k min(V_ik, V_jk) run over (query entry, gallery entry) pairs sharing a column k: each
     query entry gathers its column's row of the padded inverted index and adds its minima into a dense block.
     """
     pointers, columns, values = encoding
     num_all = pointers.numel() - 1
-    num_gallery = out.shape[1]
+    num_gallery = distances.shape[1]
+    out = distances if distances.is_contiguous() else distances.new_empty(distances.shape)
     device = columns.device
     counts = pointers[1:] - pointers[:-1]
     first_gallery = int(pointers[num_query])
@@ -455,7 +462,7 @@ def _jaccard(encoding, num_query: int, out: torch.Tensor, row_max, lambda_value:
         low, high = int(pointers[start]), int(pointers[stop])
         # lambda * d / max + 2 (1 - lambda), in place (the constant comes in as a broadcast (1, 1) tensor).
         rows = out[start:stop]
-        torch.addcdiv(constant, rows, row_max[start:stop, None], value=lambda_value, out=rows)
+        torch.addcdiv(constant, distances[start:stop], row_max[start:stop, None], value=lambda_value, out=rows)
         total = local.scratch[: (stop - start) * num_gallery].fill_(2.0)
         offset = ((query_rows[low:high] - start) * num_gallery).to(torch.int32)  # (E,) start of each entry's row
         # The block's entries grouped by table width, each group in pieces of at most `_JACCARD_PAIR_BUDGET` pairs.
@@ -542,8 +549,9 @@ def re_ranking(
             encoding = _encode(
                 features, nn_dist, nn_index, row_max, full, k1_width, half_width, chunk_size, workers, show
             )
-            del nn_dist, full
+            del nn_dist
             if k2 != 1:
                 encoding = _query_expansion(encoding, nn_index, k2_width, chunk_size, workers, show)
             del nn_index
+            # With the whole matrix held, `query_gallery` is a view of it, read once by the Jaccard step.
             return _jaccard(encoding, num_query, query_gallery, row_max, lambda_value, workers, show)
