@@ -162,10 +162,18 @@ def _exact_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_
     if num_all * num_all * features.element_size() > _FULL_DISTANCE_BYTES:
         return *_strip_neighbours(features, squared, width, num_query, chunk_size, workers, show), None
     # |f_i|^2 + |f_j|^2 - 2 f_i.f_j as one product of (N, D + 2) factors: [-2 f_i, 1, |f_i|^2] . [f_j, |f_j|^2, 1].
-    ones = features.new_ones(num_all, 1)
-    left = torch.cat([features * -2.0, ones, squared[:, None]], 1)
-    right = torch.cat([features, squared[:, None], ones], 1)
+    dim = features.shape[1]
+    left, right = features.new_empty(num_all, dim + 2), features.new_empty(num_all, dim + 2)
     blocks = _chunks(num_all, _BLOCK_EDGE, workers)
+
+    def factors(block: tuple[int, int]) -> None:
+        top, bottom = block
+        torch.mul(features[top:bottom], -2.0, out=left[top:bottom, :dim])
+        right[top:bottom, :dim] = features[top:bottom]
+        left[top:bottom, dim], left[top:bottom, dim + 1] = 1.0, squared[top:bottom]
+        right[top:bottom, dim], right[top:bottom, dim + 1] = squared[top:bottom], 1.0
+
+    _run_chunks(factors, blocks, workers, "re-ranking: factors", False)
     full = features.new_empty(num_all, num_all)
 
     def product(pair: tuple[int, int]) -> None:
