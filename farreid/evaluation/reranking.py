@@ -463,38 +463,48 @@ def _jaccard(encoding, num_query: int, distances, row_max, lambda_value: float, 
         stop = min(int(torch.searchsorted(work, work[start] + share, right=True)) - 1, start + max_rows)
         bounds.append((start, max(stop, start + 1)))
         start = bounds[-1][1]
+    # The query entries sorted once by (row block, table width): each block's width groups are then contiguous
+    # slices, split into pieces of at most `_JACCARD_PAIR_BUDGET` padded pairs.
+    block_of_row = torch.repeat_interleave(
+        torch.arange(len(bounds), device=device), torch.tensor([stop - start for start, stop in bounds], device=device)
+    )
+    block_start = torch.tensor([start for start, _ in bounds], device=device)
+    entry_block = block_of_row.index_select(0, query_rows)
+    stride = int(width.max()) + 1
+    key, order = torch.sort(entry_block * stride + entry_width)
+    entry_slot = slot.index_select(0, query_columns.index_select(0, order))
+    entry_value = query_values.index_select(0, order)[:, None]
+    entry_offset = ((query_rows - block_start.index_select(0, entry_block)) * num_gallery).to(torch.int32)
+    entry_offset = entry_offset.index_select(0, order)[:, None]  # start of each entry's row in its accumulator
+    groups: list[list[tuple[int, int, int]]] = [[] for _ in bounds]  # per block: (width, first, last) entries
+    first = 0
+    group_keys, group_sizes = torch.unique_consecutive(key, return_counts=True)
+    for group_key, size in zip(group_keys.tolist(), group_sizes.tolist(), strict=True):
+        block, lanes = divmod(group_key, stride)
+        if lanes:
+            piece = max(1, _JACCARD_PAIR_BUDGET // lanes)
+            groups[block] += [(lanes, a, min(a + piece, first + size)) for a in range(first, first + size, piece)]
+        first += size
     constant, one = out.new_full((1, 1), 2.0 * (1.0 - lambda_value)), out.new_ones(1, 1)
     local = threading.local()
 
-    def accumulate(block: tuple[int, int]) -> None:
-        start, stop = block
+    def accumulate(block: int) -> None:
+        start, stop = bounds[block]
         if not hasattr(local, "scratch"):  # per-worker (rows x G) accumulator
             local.scratch = values.new_empty(max_rows * num_gallery)
-        low, high = int(pointers[start]), int(pointers[stop])
         # lambda * d / max + 2 (1 - lambda), in place (the constant comes in as a broadcast (1, 1) tensor).
         rows = out[start:stop]
         torch.addcdiv(constant, distances[start:stop], row_max[start:stop, None], value=lambda_value, out=rows)
         total = local.scratch[: (stop - start) * num_gallery].fill_(2.0)
-        offset = ((query_rows[low:high] - start) * num_gallery).to(torch.int32)  # (E,) start of each entry's row
-        # The block's entries grouped by table width, each group in pieces of at most `_JACCARD_PAIR_BUDGET` pairs.
-        block_width, order = torch.sort(entry_width[low:high])
-        lanes_of, group_sizes = torch.unique_consecutive(block_width, return_counts=True)
-        first = 0
-        for lanes, size in zip(lanes_of.tolist(), group_sizes.tolist(), strict=True):
-            group, first = order[first : first + size], first + size
-            if lanes == 0:
-                continue
+        for lanes, a, b in groups[block]:
             table_rows, table_values = tables[lanes]
-            piece = max(1, _JACCARD_PAIR_BUDGET // lanes)
-            for entries in group.split(piece):
-                row = slot.index_select(0, query_columns.index_select(0, entries + low))
-                mine = query_values.index_select(0, entries + low)[:, None]
-                shared = torch.minimum(table_values.index_select(0, row), mine)
-                flat = table_rows.index_select(0, row).add_(offset.index_select(0, entries)[:, None])
-                total.index_add_(0, flat.view(-1), shared.view(-1), alpha=-1.0)  # 2 - s
+            row = entry_slot[a:b]
+            shared = torch.minimum(table_values.index_select(0, row), entry_value[a:b])
+            flat = table_rows.index_select(0, row).add_(entry_offset[a:b])
+            total.index_add_(0, flat.view(-1), shared.view(-1), alpha=-1.0)  # 2 - s
         rows.addcdiv_(one, total.view(stop - start, num_gallery), value=-2.0 * (1.0 - lambda_value))
 
-    _run_chunks(accumulate, bounds, workers, "re-ranking: jaccard", show)
+    _run_chunks(accumulate, list(range(len(bounds))), workers, "re-ranking: jaccard", show)
     return out
 
 
