@@ -23,7 +23,7 @@ distances, which `torch.topk` may order differently from NumPy's argsort.
 """
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
@@ -33,6 +33,7 @@ from rich.progress import track
 
 from farreid.evaluation.search import topk
 
+C = TypeVar("C")
 T = TypeVar("T")
 
 # The distance pass takes at least this many floats per chunk (64 MB): on a 2-core CPU at N = 6,000, chunks of
@@ -88,9 +89,9 @@ def _chunks(total: int, size: int, workers: int = 1) -> list[tuple[int, int]]:
     return [(start, min(start + size, total)) for start in range(0, total, size)]
 
 
-def _run_chunks(function: Callable[[tuple[int, int]], T], chunks, workers: int, description: str, show: bool):
-    """`function(chunk)` for every chunk, results in chunk order, on `workers` threads; a rich progress bar when
-    `show`. Functions keep their scratch buffers in a `threading.local`, one set per worker."""
+def _run_chunks(function: Callable[[C], T], chunks: Sequence[C], workers: int, description: str, show: bool) -> list[T]:
+    """`function(chunk)` for every chunk (row ranges, block pairs, ...), results in order, on `workers` threads; a
+    rich progress bar when `show`. Functions keep their scratch buffers in a `threading.local`, one per worker."""
     if workers <= 1 or len(chunks) <= 1:
         results = map(function, chunks)
         return list(track(results, total=len(chunks), description=description, disable=not show, transient=True))
