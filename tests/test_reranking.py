@@ -73,6 +73,7 @@ def test_matches_reference_in_small_pieces_on_two_workers(monkeypatch, cluster_s
             for workers in (1, 2):
                 torch.set_num_threads(workers)
                 results.append(run(features, num_query, chunk_size=50))
+                assert torch.get_num_threads() == workers  # the caller's thread count is restored
     finally:
         torch.set_num_threads(threads)
     assert calls, "no expanded-set member outside the k1 + 1 nearest: the test misses that path"
