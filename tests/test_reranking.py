@@ -99,6 +99,21 @@ def test_smallest_equals_topk(rows, length, k):
     assert all(len(set(row)) == k for row in got[1].tolist())  # k distinct columns per row
 
 
+def test_runs_inside_inference_mode_on_two_workers():
+    """Lightning tests under `torch.inference_mode()`, which is per thread: the chunk workers must share it, or
+    their in-place writes to tensors made in the caller fail."""
+    features = torch.from_numpy(clustered_features(200, seed=7))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = re_ranking(features[:50], features[50:])
+        with torch.inference_mode():
+            got = re_ranking(features[:50], features[50:])
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
 def test_chunk_size_invariance():
     features = clustered_features(150, seed=3)
     reference = run(features, 40, chunk_size=1024)

@@ -95,8 +95,16 @@ def _run_chunks(function: Callable[[C], T], chunks: Sequence[C], workers: int, d
     if workers <= 1 or len(chunks) <= 1:
         results = map(function, chunks)
         return list(track(results, total=len(chunks), description=description, disable=not show, transient=True))
+    # Grad and inference mode are per thread: the workers take the caller's (e.g. Lightning's test-time
+    # inference mode, whose tensors may not be written outside it).
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def call(chunk: C) -> T:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return function(chunk)
+
     with ThreadPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-        results = pool.map(function, chunks)
+        results = pool.map(call, chunks)
         return list(track(results, total=len(chunks), description=description, disable=not show, transient=True))
 
 
