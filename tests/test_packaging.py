@@ -85,3 +85,20 @@ def test_undeclared_or_conflicting_bound_is_an_error(tmp_path, dependencies, mes
     proc = constraints_only(pyproject=pyproject)
     assert proc.returncode != 0
     assert str(pyproject) in proc.stderr and message in proc.stderr, proc.stderr
+
+
+def test_each_install_path_has_exactly_one_faiss_wheel():
+    """faiss-cpu and faiss-gpu provide the same `faiss` module: only the `cpu` and `gpu` extras name one, one each."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    groups = {"dependencies": project["dependencies"], **project["optional-dependencies"]}
+    faiss = {
+        group: [
+            Requirement(text).name for text in texts if canonicalize_name(Requirement(text).name).startswith("faiss")
+        ]
+        for group, texts in groups.items()
+    }
+    assert faiss.pop("cpu") == ["faiss-cpu"] and faiss.pop("gpu") == ["faiss-gpu"]
+    assert not any(faiss.values()), f"a FAISS wheel outside the cpu/gpu extras: {faiss}"
+    # `make install` takes its FAISS from the `cpu` extra only.
+    pip_lines = [line for line in (REPO / "Makefile").read_text().splitlines() if "pip install" in line]
+    assert any("'.[cpu,dev]'" in line for line in pip_lines) and not any("faiss" in line for line in pip_lines)
