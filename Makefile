@@ -7,7 +7,7 @@ DEMO_ROOT ?= data/demo
 TORCH_CPU ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-data test test-slow lint format bench clean
+.PHONY: help install demo demo-data test test-slow test-min lint format bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ test: install ## the fast test tier (CPU, hermetic)
 
 test-slow: install ## the slow tier (longer CPU runs, e.g. ONNX export at the recipe's clip size)
 	$(VENV)/bin/pytest -q -m "slow"
+
+test-min: ## the fast tier in a fresh venv (MIN_VENV, in /tmp) with every dependency at its lower bound
+	scripts/min_versions.sh
 
 lint: install ## ruff check + format check
 	$(VENV)/bin/ruff check farreid tests benchmarks
