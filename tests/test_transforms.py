@@ -162,7 +162,8 @@ def test_batched_augment_equals_one_tracklet_at_a_time():
     transform = TrackletTransform(image_size=(16, 8), training=True, flip_p=0.5, erase_p=0.5, pad=3, color_jitter=0.3)
     frames = torch.randint(0, 256, (6, 4, 3, 16, 8), dtype=torch.uint8)
     params = torch.stack([transform.draw(random.Random(seed)) for seed in range(6)])
-    batched = transform.augment(frames, params)
+    batched = transform.augment(frames, params, batched=True)  # every op over the batch, as on a GPU
+    torch.testing.assert_close(transform.augment(frames, params), batched)  # the CPU default: one at a time
     for b in range(6):
         torch.testing.assert_close(batched[b], transform.augment(frames[b : b + 1], params[b : b + 1])[0])
     # and the single-tracklet path is the reference checked by the tests above (flip, shift, jitter, erase)

@@ -179,17 +179,26 @@ class TrackletTransform:
         return [0.0, 0.0, 0.0, 0.0]
 
     # ---------------------------------------------------------------------------------------- device side
-    def augment(self, frames: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    def augment(self, frames: torch.Tensor, params: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
         """Apply each tracklet's parameters to its frames, batched, and normalise.
 
         Args:
             frames: (B, T, 3, H, W) uint8.
             params: (B, NUM_PARAMS) from :meth:`draw`.
+            batched: all tracklets in each op (the default off the CPU) or one tracklet at a time (the default on
+                the CPU, where its clip stays in cache); the results are the same.
 
         Returns:
             (B, T, 3, H, W) float32, normalised.
         """
         b, t, c, h, w = frames.shape
+        if b > 1 and not (frames.device.type != "cpu" if batched is None else batched):
+            # One tracklet at a time on the CPU: its float clip (3 MB at 8 x 256 x 128) stays in the core's cache
+            # through the dozen passes below; the whole batch at once ran at half the speed per clip.
+            out = torch.empty(frames.shape, dtype=torch.float32)
+            for i in range(b):
+                out[i] = self.augment(frames[i : i + 1], params[i : i + 1], batched=True)[0]
+            return out
         p = params.to(device=frames.device, dtype=torch.float32)
         if self.flip_p > 0 or self.pad > 0:
             frames = _shift_flip(frames, p)
