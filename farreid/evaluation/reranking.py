@@ -153,9 +153,8 @@ def _expand(pointers: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, t
     return owner, position
 
 
-def _pointers(row_of_entry: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """CSR row pointers (num_rows + 1,) for entries already sorted by row."""
-    counts = torch.bincount(row_of_entry, minlength=num_rows)
+def _pointers(counts: torch.Tensor) -> torch.Tensor:
+    """CSR row pointers (R + 1,) from the (R,) entry counts of the rows."""
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
 
@@ -185,7 +184,7 @@ def _smallest(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     return values, columns.gather(1, pick), top
 
 
-def _exact_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_size: int, workers: int, show: bool):
+def _exact_neighbours(features, squared, width: int, num_query: int, chunk_size: int, workers: int, show: bool):
     """All pairwise squared distances, their row maxima, each row's `width` nearest and the Q x G block.
 
     Up to `_FULL_DISTANCE_BYTES` the N x N matrix is held whole, as the bare product holds it, and only its upper
@@ -198,7 +197,6 @@ def _exact_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_
         when it was not held.
     """
     num_all = features.shape[0]
-    squared = torch.linalg.vector_norm(features, dim=1).square_()  # (N,)
     if num_all * num_all * features.element_size() > _FULL_DISTANCE_BYTES:
         return *_strip_neighbours(features, squared, width, num_query, chunk_size, workers, show), None
     # |f_i|^2 + |f_j|^2 - 2 f_i.f_j as one product of (N, D + 2) factors: [-2 f_i, 1, |f_i|^2] . [f_j, |f_j|^2, 1].
@@ -275,9 +273,8 @@ def _strip_neighbours(features, squared, width: int, num_query: int, chunk_size:
     return nn_dist, nn_index, row_max, query_gallery
 
 
-def _approx_neighbours(features: torch.Tensor, width: int, num_query: int, chunk_size: int):
+def _approx_neighbours(features, squared, width: int, num_query: int, chunk_size: int):
     """Like `_exact_neighbours`, with neighbours and row maxima from `search.topk` (FAISS when installed)."""
-    squared = torch.linalg.vector_norm(features, dim=1).square_()  # (N,)
     nn_dist, nn_index = topk(features, features, width, metric="l2")
     # Farthest item by an inner-product search: max_j |f_j|^2 - 2 f_i.f_j = max_j <[-2 f_i, 1], [f_j, |f_j|^2]>.
     ones = squared.new_ones(features.shape[0], 1)
@@ -324,7 +321,7 @@ def _pair_distances(features, squared, left, right, scratch) -> torch.Tensor:
     return squared.index_select(0, left) + squared.index_select(0, right) - 2.0 * products
 
 
-def _encode(features, nn_dist, nn_index, row_max, full, k1_width, half_width, chunk_size, workers, show):
+def _encode(features, squared, nn_dist, nn_index, row_max, full, k1_width, half_width, chunk_size, workers, show):
     """The sparse k-reciprocal encodings V (one row per item) as CSR (pointers, columns, values).
 
     `full` is the whole (N, N) distance matrix when the distance pass held it (members' distances are then read
@@ -334,7 +331,6 @@ def _encode(features, nn_dist, nn_index, row_max, full, k1_width, half_width, ch
     the row. Within a row, the members of R(i) come first (nearest first), then the added members by index.
     """
     num_all, device = features.shape[0], features.device
-    squared = torch.linalg.vector_norm(features, dim=1).square_()  # (N,)
     top = nn_index[:, :k1_width]
     recip = _reciprocal(top, workers)
     half = nn_index[:, :half_width]
@@ -353,7 +349,6 @@ def _encode(features, nn_dist, nn_index, row_max, full, k1_width, half_width, ch
         size = stop - start
         if not hasattr(local, "in_set"):  # per-worker scratch: dense rows marking R(i), reset after each chunk
             local.in_set = torch.zeros(chunks[0][1], num_all, dtype=torch.bool, device=device)
-            local.pairs = features.new_empty(2, _PAIR_ROWS, features.shape[1])
         in_set = local.in_set[:size]
         r_index, r_mask = top[start:stop], recip[start:stop]  # (B, K1)
         cand = half.index_select(0, r_index.flatten()).view(size, k1_width, half_width)  # neighbours' half sets
@@ -379,6 +374,8 @@ def _encode(features, nn_dist, nn_index, row_max, full, k1_width, half_width, ch
             extra_dist = known_dist.index_select(0, slot)
             miss = (known_key.index_select(0, slot) != global_key).nonzero()[:, 0]
             if miss.numel():
+                if not hasattr(local, "pairs"):  # per-worker gather blocks, only on this path
+                    local.pairs = features.new_empty(2, _PAIR_ROWS, features.shape[1])
                 item, other = extra_row.index_select(0, miss) + start, extra_item.index_select(0, miss)
                 extra_dist[miss] = _pair_distances(features, squared, item, other, local.pairs)
         # One padded (B, K1 + A) block per chunk: R(i) in the first K1 lanes, the added members after them.
@@ -398,8 +395,7 @@ def _encode(features, nn_dist, nn_index, row_max, full, k1_width, half_width, ch
         return valid.sum(1), members.masked_select(valid), weight.masked_select(valid)
 
     parts = _run_chunks(encode, chunks, workers, "re-ranking: encodings", show)
-    counts = torch.cat([part[0] for part in parts])
-    pointers = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    pointers = _pointers(torch.cat([part[0] for part in parts]))
     return pointers, torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
 
 
@@ -423,7 +419,8 @@ def _query_expansion(encoding, nn_index, k2_width, chunk_size, workers, show):
 
     parts = _run_chunks(expand, _chunks(num_all, chunk_size, workers), workers, "re-ranking: query expansion", show)
     rows = torch.cat([part[0] for part in parts])
-    return _pointers(rows, num_all), torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
+    counts = torch.bincount(rows, minlength=num_all)  # rows arrive sorted
+    return _pointers(counts), torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
 
 
 def _jaccard_tables(columns, values, gallery_rows, num_all: int, workers: int):
@@ -594,10 +591,13 @@ def re_ranking(
     half_width = min(round(k1 / 2) + 1, num_all)
     k2_width = min(k2, num_all)
     with torch.no_grad():
+        squared = torch.linalg.vector_norm(features, dim=1).square_()  # (N,) |f_i|^2, shared by every stage
         if approx_candidates is not None:  # FAISS (or torch) search with all of its threads
             width = min(num_all, approx_candidates)
             k1_width, half_width, k2_width = min(k1_width, width), min(half_width, width), min(k2_width, width)
-            nn_dist, nn_index, row_max, query_gallery = _approx_neighbours(features, width, num_query, chunk_size)
+            nn_dist, nn_index, row_max, query_gallery = _approx_neighbours(
+                features, squared, width, num_query, chunk_size
+            )
             full = None
         with _chunk_workers(features.device) as workers:
             if approx_candidates is None:
@@ -605,10 +605,10 @@ def re_ranking(
                 # direct dot product, cheaper than a wider topk.
                 width = max(k1_width, k2_width)
                 nn_dist, nn_index, row_max, query_gallery, full = _exact_neighbours(
-                    features, width, num_query, chunk_size, workers, show
+                    features, squared, width, num_query, chunk_size, workers, show
                 )
             encoding = _encode(
-                features, nn_dist, nn_index, row_max, full, k1_width, half_width, chunk_size, workers, show
+                features, squared, nn_dist, nn_index, row_max, full, k1_width, half_width, chunk_size, workers, show
             )
             del nn_dist
             if k2 != 1:
