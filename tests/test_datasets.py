@@ -99,13 +99,20 @@ def test_agvpreid_cases_and_views(roots):
     assert set(val.cases) == {"A2G", "G2A"}
 
 
-def test_agvpreid_bad_name_is_an_error_naming_the_file(roots, tmp_path):
-    root = tmp_path / "ag"
-    shutil.copytree(roots["agvpreid"], root)
-    frame = sorted((root / "train").rglob("*.jpg"))[0]
-    frame.rename(frame.with_name("frame_0001.jpg"))
-    with pytest.raises(ValueError, match=r"frame_0001\.jpg.*not an AG-VPReID name"):
-        make_reader("agvpreid", root).train_tracklets()
+@pytest.mark.parametrize(
+    ("dataset", "folder", "bad", "message", "read"),
+    [
+        ("agvpreid", "train", "frame_0001.jpg", "not an AG-VPReID name", lambda r: r.train_tracklets()),
+        ("dukevideo", "query", "x.jpg", "not a DukeMTMC-VideoReID name", lambda r: r.test_set()),
+    ],
+)
+def test_bad_frame_name_is_an_error_naming_the_file(roots, tmp_path, dataset, folder, bad, message, read):
+    root = tmp_path / dataset
+    shutil.copytree(roots[dataset], root)
+    frame = sorted((root / folder).rglob("*.jpg"))[0]
+    frame.rename(frame.with_name(bad))
+    with pytest.raises(ValueError, match=re.escape(bad) + ".*" + message):
+        read(make_reader(dataset, root))
 
 
 def test_mars_rows_queries_and_junk(roots):
@@ -186,15 +193,6 @@ def test_ilidsvid_splits_from_the_released_mat(roots, tmp_path):
         mat_reader = make_reader("ilidsvid", root, options={"split_id": i})
         assert mat_reader.test_persons == json_reader.test_persons
         assert mat_reader.train_persons == json_reader.train_persons
-
-
-def test_dukevideo_bad_name_is_an_error(roots, tmp_path):
-    root = tmp_path / "duke"
-    shutil.copytree(roots["dukevideo"], root)
-    frame = sorted((root / "query").rglob("*.jpg"))[0]
-    frame.rename(frame.with_name("x.jpg"))
-    with pytest.raises(ValueError, match=r"x\.jpg.*not a DukeMTMC-VideoReID name"):
-        make_reader("dukevideo", root).test_set()
 
 
 # ------------------------------------------------------------------------------------------ selection
