@@ -7,7 +7,7 @@ DEMO_ROOT ?= data/demo
 TORCH_CPU ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-data test test-slow test-min lint format bench clean
+.PHONY: help install demo demo-data test test-slow test-gpu test-all test-min lint format bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
@@ -29,11 +29,21 @@ demo-data: install ## generate the DetReIDX-format demo dataset in $(DEMO_ROOT) 
 demo: demo-data ## set up, generate demo data, score the untrained model, fit, test, print the per-case table
 	$(PY) -m farreid.demo --config configs/demo.yaml --data.root $(DEMO_ROOT)
 
-test: install ## the fast test tier (CPU, hermetic)
-	$(VENV)/bin/pytest -q -m "not slow and not gpu"
+# The slowest tests of each run are printed (--durations) so that a test that grows is seen.
+PYTEST := $(VENV)/bin/pytest -q --durations=15
 
-test-slow: install ## the slow tier (longer CPU runs, e.g. ONNX export at the recipe's clip size)
-	$(VENV)/bin/pytest -q -m "slow"
+test: install ## the fast tier: CPU, hermetic, about a minute (what you run while you work)
+	$(PYTEST) -m "not slow and not gpu"
+
+test-slow: install ## the slow tier: multi-epoch fits, resume and signals, DDP, README commands, export at recipe size
+	$(PYTEST) -m "slow and not gpu"
+
+test-gpu: install ## the GPU tier (pytest marker `gpu`): skipped with the reason where no CUDA device exists
+	$(PYTEST) -m "gpu" -rs
+
+test-all: install ## every tier, fast first (what CI runs)
+	$(PYTEST) -m "not slow and not gpu"
+	$(PYTEST) -m "slow or gpu" -rs
 
 test-min: ## the fast tier in a fresh venv (MIN_VENV, in /tmp) with every dependency at its lower bound
 	scripts/min_versions.sh

@@ -271,6 +271,7 @@ def test_checkpoint_blocks_rejects_bad_values(tiny_clip_dir):
         make(tiny_clip_dir, checkpoint_blocks=-2)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager(tiny_clip_dir):
     """`compile=True` compiles each block in place: same outputs (1e-5) and the same state-dict names."""
     eager = make(tiny_clip_dir, trainable_blocks=-1).eval()

@@ -33,6 +33,7 @@ def results(run_root: Path, index: int) -> dict:
     return json.loads((dirs[index] / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_fit_on_agvpreid_then_test_on_agvpreid_and_on_mars(layouts, tmp_path):
     root = tmp_path / "runs" / "ag"
     common = [*DEMO, "--trainer.default_root_dir", str(root)]

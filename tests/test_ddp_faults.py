@@ -41,6 +41,7 @@ def _records(probe_dir: Path) -> dict[int, dict]:
     return {r: json.loads((probe_dir / f"rank{r}.json").read_text()) for r in (0, 1)}
 
 
+@pytest.mark.slow
 def test_only_rank_zero_scores_and_both_ranks_log_the_same_metrics(data_root, tmp_path):
     proc = _run(
         "validate",
@@ -61,6 +62,7 @@ def test_only_rank_zero_scores_and_both_ranks_log_the_same_metrics(data_root, tm
     assert records[1]["metrics"] == metrics  # identical values on the rank that did not score
 
 
+@pytest.mark.slow
 def test_nan_on_rank_one_stops_every_rank_with_the_non_finite_loss_error(data_root, tmp_path):
     proc = _run(
         "fit",

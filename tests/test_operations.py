@@ -38,6 +38,7 @@ def _farreid(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_two_process_ddp_fit_and_evaluation_match_one_process(data_root, tmp_path):
     """A 2-rank gloo run trains, and its gathered evaluation equals the 1-process one on the same checkpoint."""
     common = [*BASE, "--data.root", data_root, "--data.test_split", "val", "--trainer.logger", "false"]

@@ -7,6 +7,7 @@ import textwrap
 import warnings
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -38,6 +39,7 @@ def _run(mode: str, clip_dir, tmp_path) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_benign_messages_are_filtered_and_others_kept(tiny_clip_dir, tmp_path):
     loud, quiet = _run("loud", tiny_clip_dir, tmp_path), _run("quiet", tiny_clip_dir, tmp_path)
     assert "LOAD REPORT" in loud and "module(s) in eval mode" in loud  # the messages exist without the filter...

@@ -56,6 +56,7 @@ def fit_args(data_root: str, root: Path, epochs: int, *extra: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- exit codes
+@pytest.mark.slow
 def test_fit_then_test_exit_zero_and_each_run_gets_its_own_directory(data_root, tmp_path):
     root = tmp_path / "runs" / "exp"
     fit = run_farreid(*fit_args(data_root, root, 1), cwd=tmp_path)
@@ -78,6 +79,7 @@ def test_fit_then_test_exit_zero_and_each_run_gets_its_own_directory(data_root, 
     assert chained.returncode == 0
 
 
+@pytest.mark.slow
 def test_bad_data_root_exits_non_zero_and_names_the_path(tmp_path):
     proc = run_farreid("fit", *TINY, "--data.root", str(tmp_path / "no-such-root"), cwd=tmp_path)
     assert proc.returncode == 1
@@ -85,11 +87,13 @@ def test_bad_data_root_exits_non_zero_and_names_the_path(tmp_path):
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 4
 
 
+@pytest.mark.slow
 def test_usage_error_exits_two(tmp_path):
     proc = run_farreid("fit", *TINY, "--model.backbone.init_args.adaptr_dim", "3", cwd=tmp_path)
     assert proc.returncode == 2 and "adaptr_dim" in proc.stderr
 
 
+@pytest.mark.slow
 def test_test_with_ckpt_last_but_no_checkpoint_is_an_error(data_root, tmp_path):
     proc = run_farreid("test", *TINY, "--data.root", data_root, "--trainer.default_root_dir", str(tmp_path / "none"),
                    "--ckpt_path", "last", cwd=tmp_path)  # fmt: skip
@@ -107,7 +111,7 @@ def _train_batches(path: Path) -> dict[int, list[list[int]]]:
     return epochs
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_every_epoch_draws_new_batches_in_a_real_fit(data_root, tmp_path, workers):
     log = tmp_path / "batches.jsonl"
     cli = main([*fit_args(data_root, tmp_path / "run", 4, "--data.num_workers", str(workers)), recorder(log)])
@@ -148,6 +152,7 @@ def uninterrupted(data_root, tmp_path_factory) -> Path:
     return log
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_reproduces_the_uninterrupted_run(data_root, uninterrupted, tmp_path):
     root, log = tmp_path / "run", tmp_path / "records.jsonl"
     common = fit_args(data_root, root, 3, "--data.num_workers", "1")
@@ -166,6 +171,7 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(data_root, uninterr
     assert dedup == expected  # same batches, same validation metrics, to the last digit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
 def test_signal_saves_a_resumable_checkpoint_at_a_step_boundary(data_root, uninterrupted, tmp_path, signame):
     root, log = tmp_path / "run", tmp_path / "records.jsonl"
@@ -205,6 +211,7 @@ def test_full_disk_leaves_the_previous_checkpoint_and_no_partial_file(data_root,
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["epoch"] == 1  # the second epoch's, intact
 
 
+@pytest.mark.slow
 def test_a_second_fit_into_the_same_run_directory_is_refused(data_root, tmp_path):
     root = tmp_path / "run"
     lock = RunLock(root)  # another fit holds the directory
@@ -269,6 +276,7 @@ def readme_commands(section: str = "## Run the real thing") -> list[list[str]]:
     return [line[1:] for line in lines if line[:1] == ["farreid"]]
 
 
+@pytest.mark.slow
 def test_the_readme_real_path_runs_end_to_end(data_root, tiny_clip_dir, tmp_path):
     """Stage 1, stage 2, test, then resume with more epochs: the README's commands, through the console script,
     on a tiny random CLIP directory in HF format (weights, config, tokenizer) and a small tree."""

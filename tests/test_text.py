@@ -105,7 +105,9 @@ def test_all_features_equals_forward_in_chunks() -> None:
     learner = tiny_learner(num_classes=5)
     features = learner.all_features(chunk=2)
     assert features.shape == (5, 16) and not features.requires_grad
-    torch.testing.assert_close(features, learner(torch.arange(5)), atol=1e-6, rtol=0)
+    # A batch of 2 and a batch of 5 take different GEMM blockings, so the sums round differently (seen: 1.3e-6 on
+    # values ~1.5): float32's default tolerance, not bit equality.
+    torch.testing.assert_close(features, learner(torch.arange(5)))
 
 
 def test_bf16_autocast_close_to_fp32() -> None:

@@ -44,6 +44,7 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_embed_subprocess_on_a_case_folder_without_train(release, checkpoint, tmp_path):
     folder = shutil.copytree(release / QUERY, tmp_path / "only_query")  # no train/ anywhere near it
     out = tmp_path / "emb"
@@ -83,6 +84,7 @@ def test_embed_subprocess_on_a_case_folder_without_train(release, checkpoint, tm
     np.testing.assert_allclose(model.eval().embed(batch)[0][0].numpy(), feats[2], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_embed_whole_release_and_pidless_folder(release, checkpoint, tmp_path):
     assert embed.main([checkpoint, str(release), "--out", str(tmp_path / "all"), "--num-workers", "0"]) == 0
     rows = _read_csv(tmp_path / "all" / "tracklets.csv")
@@ -115,6 +117,7 @@ def test_embed_errors_name_the_path(checkpoint, tmp_path, capsys):
     assert "missing.ckpt" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_onnx_matches_pytorch(checkpoint, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
