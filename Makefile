@@ -48,13 +48,14 @@ test-all: install ## every tier, fast first (what CI runs)
 test-min: ## the fast tier in a fresh venv (MIN_VENV, in /tmp) with every dependency at its lower bound
 	scripts/min_versions.sh
 
-lint: install ## ruff check + format check
-	$(VENV)/bin/ruff check farreid tests benchmarks
-	$(VENV)/bin/ruff format --check farreid tests benchmarks
+lint: install ## ruff check + format check, and no import cycle inside farreid
+	$(VENV)/bin/ruff check farreid tests benchmarks scripts
+	$(VENV)/bin/ruff format --check farreid tests benchmarks scripts
+	$(PY) scripts/import_graph.py
 
 format: install ## apply ruff fixes and formatting
-	$(VENV)/bin/ruff check --fix farreid tests benchmarks
-	$(VENV)/bin/ruff format farreid tests benchmarks
+	$(VENV)/bin/ruff check --fix farreid tests benchmarks scripts
+	$(VENV)/bin/ruff format farreid tests benchmarks scripts
 
 bench: demo-data ## run the benchmarks (loader, model, re-ranking) and print their figures
 	$(PY) benchmarks/loader.py --root $(DEMO_ROOT)
