@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,14 +132,30 @@ def test_offline_wandb_run_records_per_case_metrics(data_root, tmp_path, monkeyp
             str(tmp_path),
         ]
     )
-    cli.trainer.logger.experiment.finish()  # flush the offline run as the end of a job does
-    runs = list(tmp_path.rglob("offline-run-*/run-*.wandb"))
-    assert runs, f"no offline W&B run under {tmp_path}"
-    record = runs[0].read_bytes()  # the run's protobuf log: metric keys and the config are stored as strings
-    for case in ("A2G", "G2A", "A2A", "overall"):
-        assert f"val/{case}/mAP".encode() in record, case
-    assert b"trainable_blocks" in record  # the resolved config was logged
-    assert b"lr-Adam" in record and b"train/loss" in record  # learning rates of the groups, the loss
+    cli.trainer.logger.experiment.finish()  # the end of a job
+    expected = [f"val/{case}/mAP".encode() for case in ("A2G", "G2A", "A2A", "overall")]
+    expected += [b"trainable_blocks", b"lr-Adam", b"train/loss"]  # the resolved config, the groups' LRs, the loss
+    record = _wait_for_wandb_records(tmp_path, expected)
+    for key in expected:
+        assert key in record, key
+
+
+def _wait_for_wandb_records(root: Path, expected: list[bytes], timeout: float = 120.0) -> bytes:
+    """The offline run's protobuf log (metric keys and the config are stored as strings) once it holds `expected`.
+
+    W&B's service process writes the log after `finish()` returns, on its own schedule: a single read races it (seen:
+    a file holding only its header). Polls until every key is there or `timeout` seconds pass, then returns what the
+    file holds, so that the caller's assertion names the missing key.
+    """
+    deadline = time.monotonic() + timeout
+    record = b""
+    while True:
+        runs = sorted(root.rglob("offline-run-*/run-*.wandb"))
+        record = runs[0].read_bytes() if runs else b""
+        if all(key in record for key in expected) or time.monotonic() > deadline:
+            assert runs, f"no offline W&B run under {root} after {timeout:.0f} s"
+            return record
+        time.sleep(0.2)
 
 
 def test_wandb_mode_respects_credentials(tmp_path):
