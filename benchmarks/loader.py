@@ -17,7 +17,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from farreid.data.dataset import TrackletDataset, relabel
-from farreid.data.detreidx import read_split
+from farreid.data.index_cache import read_split
 from farreid.data.sampling import IdentityBatchSampler
 from farreid.data.synthetic import generate
 from farreid.data.transforms import TrackletTransform

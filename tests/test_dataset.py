@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from farreid.data.dataset import TooManyUnreadableError, TrackletDataset, relabel
-from farreid.data.detreidx import read_split
+from farreid.data.index_cache import read_split
 from farreid.data.transforms import TrackletTransform
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from farreid.data.detreidx import CASES, FrameMeta, Tracklet, case_split, list_split, parse_frame_name, read_split
+from farreid.data.detreidx import CASES, case_split, list_split, parse_frame_name
+from farreid.data.index_cache import read_split
+from farreid.data.tracklets import FrameMeta, Tracklet
 
 GROUND = "0024_5453_G01_000123.jpg"
 AERIAL_S1 = "0024_5454_D1_S1_00_000_35.5_80.0_60_1_000007.jpg"

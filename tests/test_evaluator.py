@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from farreid.cli import main
-from farreid.data.detreidx import Tracklet
 from farreid.data.protocols import EvalSet
 from farreid.data.synthetic import generate
+from farreid.data.tracklets import Tracklet
 from farreid.evaluation.callback import ReIDEvaluator
 from farreid.evaluation.reporting import metadata_breakdowns
 from tests.conftest import TINY_RUN

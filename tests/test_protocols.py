@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from farreid.data.detreidx import Tracklet
 from farreid.data.protocols import released_cases, split_identities, validation_cases
 from farreid.data.synthetic import generate
+from farreid.data.tracklets import Tracklet
 
 
 def _tracklet(pid: int, camid: int, n: int) -> Tracklet:

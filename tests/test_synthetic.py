@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from farreid.data.detreidx import CASES, case_split, read_split
+from farreid.data.detreidx import CASES, case_split
+from farreid.data.index_cache import read_split
 from farreid.data.synthetic import generate, main, sample_people
 
 SMALL = dict(num_train_ids=4, num_test_ids=3, min_frames=3, max_frames=6)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from farreid.cli import main as cli_main
-from farreid.data.detreidx import read_split
+from farreid.data.index_cache import read_split
 from farreid.data.synthetic import generate
 from farreid.module import ReIDModule
 from farreid.tools import embed, export

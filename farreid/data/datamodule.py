@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from farreid.data.dataset import TrackletDataset
 from farreid.data.datasets import VideoReIDDataset, make_reader, reader_class
-from farreid.data.detreidx import Tracklet
 from farreid.data.index_cache import cache_path, cached_split, default_cache_dir
 from farreid.data.label_view import LabelView
 from farreid.data.protocols import EvalSet, split_identities
 from farreid.data.sampling import IdentityBatchSampler
+from farreid.data.tracklets import Tracklet
 from farreid.data.transforms import TrackletTransform, normalize_clip
 
 ROOT_ENV = "FARREID_DATA"

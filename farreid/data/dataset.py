@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from farreid.data.detreidx import Tracklet
 from farreid.data.sampling import frame_indices
+from farreid.data.tracklets import Tracklet
 from farreid.data.transforms import TrackletTransform
 
 # What PIL raises on missing, unidentifiable, truncated or otherwise corrupt files.
@@ -57,7 +57,7 @@ class TrackletDataset(Dataset):
     tracklets raise :class:`TooManyUnreadableError` listing them.
 
     Args:
-        tracklets: the tracklets, e.g. from :func:`~farreid.data.detreidx.read_split`.
+        tracklets: the tracklets, e.g. from :func:`~farreid.data.index_cache.read_split`.
         num_frames: T, frames per clip.
         training: random frames per block and augmentation parameters if True.
         transform: a :class:`TrackletTransform` (its ``load`` and ``draw`` run here).

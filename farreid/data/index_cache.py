@@ -1,7 +1,8 @@
-"""A cache file per split for :func:`~farreid.data.detreidx.list_split`, validated by folder modification times.
+"""Reading a split: :func:`read_split`, with a cache file per split for :func:`~farreid.data.detreidx.list_split`,
+validated by folder modification times.
 
 Listing DetReIDX (11.75 million frames) takes seconds to minutes; every fit, test and DDP rank would repeat it. The
-cache holds the flat arrays of a :class:`~farreid.data.detreidx.SplitIndex` in one ``.npy`` file named after the
+cache holds the flat arrays of a :class:`~farreid.data.tracklets.SplitIndex` in one ``.npy`` file named after the
 split's absolute path. It is valid while the modification times of the split folder, of every PID folder and of
 every tracklet folder are those recorded: adding, removing or renaming a frame or a folder changes the time of
 its parent folder (a file rewritten in place under the same name does not, and does not change the listing).
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from farreid.data.detreidx import NameTable, SplitIndex, _check_split, list_split
+from farreid.data.detreidx import check_split, list_split
+from farreid.data.tracklets import NameTable, SplitIndex, Tracklet
 
 log = logging.getLogger(__name__)
 _VERSION = 1  # bump when the file's contents change meaning
@@ -103,7 +105,7 @@ def load_index(path: Path, stamp: str, split_path: str) -> tuple[SplitIndex | No
 
 def cached_split(root: str | os.PathLike, split: str, cache_dir: str | os.PathLike) -> SplitIndex:
     """The split's index from its cache file when valid; else listed, saved, and (when stale) said so."""
-    split_path = _check_split(root, split)
+    split_path = check_split(root, split)
     path = cache_path(root, split, cache_dir)
     stamp = folder_stamp(split_path)
     index, reason = load_index(path, stamp, split_path)
@@ -121,3 +123,26 @@ def cached_split(root: str | os.PathLike, split: str, cache_dir: str | os.PathLi
     except OSError as err:  # a read-only or full cache directory costs speed, not the run
         warnings.warn(f"could not write the index cache {path}: {err}; the split will be listed again", stacklevel=3)
     return index
+
+
+def read_split(root: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None) -> list[Tracklet]:
+    """List the tracklets of one split, ordered by PID folder then tracklet folder name.
+
+    Args:
+        root: dataset root.
+        split: "train" or a case part such as "case1_aerial_to_ground/query"
+            (see :func:`~farreid.data.detreidx.case_split`).
+        cache_dir: keep the listing in a cache file there (see :func:`cached_split`); None lists
+            the folders every time.
+
+    Returns:
+        The tracklets; folders without any frame are skipped and counted in one warning, and so are entries
+        that are neither folders nor frames. Their ``frames`` share one compact name table.
+
+    Raises:
+        FileNotFoundError: the root or split folder does not exist.
+        ValueError: a PID folder name is not an integer, a tracklet mixes cameras, or the split is empty.
+    """
+    index = list_split(root, split) if cache_dir is None else cached_split(root, split, cache_dir)
+    index.warn(stacklevel=2)
+    return index.tracklets()

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from farreid.data.render import TrackletSpec, render_tracklet
-from farreid.data.synthetic import sample_people, second_session
+from farreid.data.render import TrackletSpec, render_tracklet, sample_people, second_session
 
 # layout -> (views of its cameras in the order of their numbers, image format)
 CAMERAS: dict[str, tuple[tuple[str, ...], str]] = {

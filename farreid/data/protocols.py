@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from farreid.data.detreidx import CASES, Tracklet, case_split, read_split
+from farreid.data.detreidx import CASES, case_split
+from farreid.data.index_cache import read_split
+from farreid.data.tracklets import Tracklet
 
 GROUND, SESSION1, SESSION2 = 0, 1, 2
 
@@ -89,7 +91,7 @@ def validation_cases(tracklets: Sequence[Tracklet]) -> EvalSet:
 def released_cases(root: str, cases: Sequence[str] = tuple(CASES), cache_dir: str | None = None) -> EvalSet:
     """Read the case folders ``ROOT/caseN_*/{query,gallery}`` into one :class:`EvalSet`.
 
-    ``cache_dir`` keeps each folder's listing in a cache file (see :func:`~farreid.data.detreidx.read_split`).
+    ``cache_dir`` keeps each folder's listing in a cache file (see :func:`~farreid.data.index_cache.read_split`).
 
     The set counts as anonymized when no query PID of any case occurs in its gallery (the public test release
     renames identities), in which case farreid writes the challenge CSV instead of metrics.

@@ -1,13 +1,14 @@
-"""Rendering of the synthetic pedestrians: appearance attributes, ground and aerial frames, degradations.
+"""The synthetic pedestrians: sampling identities, their appearance attributes, ground and aerial frames, degradations.
 
 Plain PIL/NumPy, driven by a seeded ``numpy.random.Generator``: the same person, plan and generator state give
-the same pixels. ``farreid.data.synthetic`` decides who appears where; this module decides what they look like.
+the same pixels. This module decides who the people are and what they look like; ``farreid.data.synthetic`` (the
+DetReIDX layout) and ``farreid.data.layouts`` (the other datasets' layouts) decide where they appear.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
@@ -49,6 +50,55 @@ class TrackletSpec:
     pitch: int  # degrees (0 for ground)
     num_frames: int
     first_frame: int
+
+
+def _jitter(colour: tuple[int, int, int], rng: np.random.Generator, amount: int = 12) -> tuple[int, int, int]:
+    return tuple(int(c) for c in np.clip(np.asarray(colour) + rng.integers(-amount, amount + 1, 3), 0, 255))
+
+
+def sample_people(num: int, rng: np.random.Generator, upper_colours: int = 5, lower_colours: int = 4) -> list[Person]:
+    """``num`` identities with pairwise distinct attribute combinations (colours jittered slightly per person).
+
+    Clothing colours come from the first ``upper_colours`` / ``lower_colours`` palette entries: with fewer
+    colour pairs than identities, colour alone cannot tell people apart.
+    """
+    if not (1 <= upper_colours <= len(UPPER) and 1 <= lower_colours <= len(LOWER)):
+        raise ValueError(f"need 1 <= upper_colours <= {len(UPPER)} and 1 <= lower_colours <= {len(LOWER)}")
+    seen: set[tuple[int, ...]] = set()
+    people = []
+    while len(people) < num:
+        combo = tuple(int(rng.integers(n)) for n in (upper_colours, 3, len(PATTERN_COLOURS), lower_colours, 3, 4, 4, 4))
+        if combo in seen:
+            continue
+        seen.add(combo)
+        u, pat, pc, lo, b, sk, h, acc = combo
+        people.append(
+            Person(
+                upper=_jitter(UPPER[u], rng),
+                pattern=("solid", "stripes", "checks")[pat],
+                pattern_colour=PATTERN_COLOURS[pc],
+                lower=_jitter(LOWER[lo], rng),
+                build=BUILDS[b],
+                skin=SKIN[sk],
+                hair=HAIR[h],
+                accessory=ACCESSORIES[acc],
+                accessory_colour=_jitter((70, 55, 45), rng, 40),
+            )
+        )
+    return people
+
+
+def second_session(person: Person, rng: np.random.Generator, change_p: float) -> Person:
+    """The identity's look in UAV session 2: a jacket put on or taken off, a bag appearing or disappearing."""
+    if rng.random() < change_p:
+        if rng.random() < 0.5:  # a plain jacket over whatever was worn
+            person = replace(person, upper=JACKET_COLOURS[int(rng.integers(len(JACKET_COLOURS)))], pattern="solid")
+        else:  # the session-1 top was a jacket: the shirt beneath shows now
+            pattern = ("solid", "stripes", "checks")[int(rng.integers(3))]
+            person = replace(person, upper=_jitter(UPPER[int(rng.integers(len(UPPER)))], rng), pattern=pattern)
+    if rng.random() < change_p / 2:
+        person = replace(person, accessory="none" if person.accessory == "bag" else "bag")
+    return person
 
 
 SCENES = ((128, 128, 124), (85, 88, 92), (92, 128, 70), (150, 120, 95), (170, 160, 140))

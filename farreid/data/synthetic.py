@@ -18,75 +18,13 @@ import argparse
 import io
 import shutil
 import time
-from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from farreid.data.detreidx import CASES
-from farreid.data.render import (
-    ACCESSORIES,
-    BUILDS,
-    HAIR,
-    JACKET_COLOURS,
-    LOWER,
-    PATTERN_COLOURS,
-    SKIN,
-    UPPER,
-    Person,
-    TrackletSpec,
-    render_tracklet,
-)
-
-
-def _jitter(colour: tuple[int, int, int], rng: np.random.Generator, amount: int = 12) -> tuple[int, int, int]:
-    return tuple(int(c) for c in np.clip(np.asarray(colour) + rng.integers(-amount, amount + 1, 3), 0, 255))
-
-
-def sample_people(num: int, rng: np.random.Generator, upper_colours: int = 5, lower_colours: int = 4) -> list[Person]:
-    """``num`` identities with pairwise distinct attribute combinations (colours jittered slightly per person).
-
-    Clothing colours come from the first ``upper_colours`` / ``lower_colours`` palette entries: with fewer
-    colour pairs than identities, colour alone cannot tell people apart.
-    """
-    if not (1 <= upper_colours <= len(UPPER) and 1 <= lower_colours <= len(LOWER)):
-        raise ValueError(f"need 1 <= upper_colours <= {len(UPPER)} and 1 <= lower_colours <= {len(LOWER)}")
-    seen: set[tuple[int, ...]] = set()
-    people = []
-    while len(people) < num:
-        combo = tuple(int(rng.integers(n)) for n in (upper_colours, 3, len(PATTERN_COLOURS), lower_colours, 3, 4, 4, 4))
-        if combo in seen:
-            continue
-        seen.add(combo)
-        u, pat, pc, lo, b, sk, h, acc = combo
-        people.append(
-            Person(
-                upper=_jitter(UPPER[u], rng),
-                pattern=("solid", "stripes", "checks")[pat],
-                pattern_colour=PATTERN_COLOURS[pc],
-                lower=_jitter(LOWER[lo], rng),
-                build=BUILDS[b],
-                skin=SKIN[sk],
-                hair=HAIR[h],
-                accessory=ACCESSORIES[acc],
-                accessory_colour=_jitter((70, 55, 45), rng, 40),
-            )
-        )
-    return people
-
-
-def second_session(person: Person, rng: np.random.Generator, change_p: float) -> Person:
-    """The identity's look in UAV session 2: a jacket put on or taken off, a bag appearing or disappearing."""
-    if rng.random() < change_p:
-        if rng.random() < 0.5:  # a plain jacket over whatever was worn
-            person = replace(person, upper=JACKET_COLOURS[int(rng.integers(len(JACKET_COLOURS)))], pattern="solid")
-        else:  # the session-1 top was a jacket: the shirt beneath shows now
-            pattern = ("solid", "stripes", "checks")[int(rng.integers(3))]
-            person = replace(person, upper=_jitter(UPPER[int(rng.integers(len(UPPER)))], rng), pattern=pattern)
-    if rng.random() < change_p / 2:
-        person = replace(person, accessory="none" if person.accessory == "bag" else "bag")
-    return person
+from farreid.data.render import TrackletSpec, render_tracklet, sample_people, second_session
 
 
 def plan_tracklets(rng: np.random.Generator, cfg: dict) -> list[TrackletSpec]:

@@ -30,7 +30,9 @@ from torch.utils.data import DataLoader
 
 from farreid._quiet import quiet_known_messages
 from farreid.data.dataset import TrackletDataset
-from farreid.data.detreidx import IMAGE_SUFFIXES, Tracklet, parse_frame_name, read_split
+from farreid.data.detreidx import parse_frame_name
+from farreid.data.index_cache import read_split
+from farreid.data.tracklets import IMAGE_SUFFIXES, Tracklet
 from farreid.data.transforms import TrackletTransform, normalize_clip
 
 COLUMNS = ("index", "split", "name", "pid", "camid", "view", "altitude", "distance", "pitch", "num_frames", "folder")

@@ -27,8 +27,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from farreid.data.detreidx import FrameList, NameTable, Tracklet
 from farreid.data.protocols import EvalSet
+from farreid.data.tracklets import FrameList, NameTable, Tracklet
 
 GROUND_PROMPT, AERIAL_PROMPT = 0, 1
 _HDF5 = b"\x89HDF\r\n\x1a\n"

@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from farreid.data.datasets.base import VideoReIDDataset
-from farreid.data.detreidx import CASES, EXPECTED_LAYOUT, Tracklet, case_split, read_split
+from farreid.data.detreidx import CASES, EXPECTED_LAYOUT, case_split
+from farreid.data.index_cache import read_split
 from farreid.data.protocols import EvalSet, released_cases, validation_cases
+from farreid.data.tracklets import Tracklet
 
 CameraParser = Callable[[str], tuple[int, str]]  # frame path -> (camid, view)
 

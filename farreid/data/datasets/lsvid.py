@@ -19,8 +19,8 @@ import warnings
 import numpy as np
 
 from farreid.data.datasets.base import VideoReIDDataset, load_mat, read_lines, tracklets_from_names
-from farreid.data.detreidx import IMAGE_SUFFIXES, Tracklet
 from farreid.data.protocols import EvalSet
+from farreid.data.tracklets import IMAGE_SUFFIXES, Tracklet
 
 
 def lsvid_camera(path: str) -> int:

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from farreid.data.datasets.base import VideoReIDDataset, load_mat, read_lines, tracklets_from_names
-from farreid.data.detreidx import Tracklet
 from farreid.data.protocols import EvalSet
+from farreid.data.tracklets import Tracklet
 
 
 def read_info_split(

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from farreid.data.datasets.base import VideoReIDDataset, load_mat, tracklets_from_names
-from farreid.data.detreidx import IMAGE_SUFFIXES, Tracklet
 from farreid.data.protocols import EvalSet
+from farreid.data.tracklets import IMAGE_SUFFIXES, Tracklet
 
 _DIGITS = re.compile(r"(\d+)")
 
