@@ -148,7 +148,7 @@ def test_index_cache_can_be_turned_off(root, tmp_path):
 
 
 def test_compute_threads_policy(root, tmp_path, monkeypatch):
-    from farreid.data.datamodule import compute_threads
+    from farreid.data.loaders import compute_threads
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert compute_threads(None, 2) is None and compute_threads(3, 2) == 3
@@ -189,3 +189,14 @@ def test_evaluation_clips_are_the_first_frame_of_each_block_every_time(root, tmp
         indices, _ = frame_indices(len(tracklets[i].frames), 4, training=False, rng=None)
         expected = np.stack([load_frame(tracklets[i].frames[j], (32, 16)) for j in indices])  # (T, H, W, 3)
         assert torch.equal(frames[i], torch.from_numpy(expected).permute(0, 3, 1, 2)), i
+
+
+@pytest.mark.parametrize(("key", "value"), [("data.test_frames", "every"), ("data.test_split", "test")])
+def test_a_choice_outside_its_literal_is_a_usage_error_naming_the_key(key, value, tmp_path, capsys):
+    from farreid.cli import console
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    args = ["fit", "--config", str(demo), "--data.root", str(tmp_path), f"--{key}", value]
+    assert console(args) == 2
+    err = capsys.readouterr().err
+    assert key in err and value in err

@@ -6,31 +6,23 @@ import dataclasses
 import os
 import time
 from functools import cached_property
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from farreid.data.dataset import TrackletDataset
 from farreid.data.datasets import VideoReIDDataset, make_reader, reader_class
 from farreid.data.index_cache import cache_path, cached_split, default_cache_dir
 from farreid.data.label_view import LabelView
+from farreid.data.loaders import compute_threads, eval_loader, select_rows, train_loader
 from farreid.data.protocols import EvalSet, split_identities
-from farreid.data.sampling import IdentityBatchSampler
 from farreid.data.tracklets import Tracklet
 from farreid.data.transforms import TrackletTransform, normalize_clip
 
 ROOT_ENV = "FARREID_DATA"
-
-
-def compute_threads(requested: int | None, num_workers: int) -> int | None:
-    """Intra-op threads for ``data.compute_threads``: None (torch's default), 0 (usable cores minus the loader
-    workers, at least 1) or the count itself."""
-    if requested is None or requested > 0:
-        return requested
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, usable - num_workers)
 
 
 class DetReIDXDataModule(L.LightningDataModule):
@@ -63,9 +55,8 @@ class DetReIDXDataModule(L.LightningDataModule):
         index_cache_dir: where the cache files go; None: ``$XDG_CACHE_HOME/farreid/index`` or
             ``~/.cache/farreid/index`` (the dataset root may be read-only).
         compute_threads: torch intra-op threads of this process, set in ``setup``: None keeps torch's default
-            (all cores), 0 takes the cores this process may use minus ``num_workers`` (at least 1), N sets N.
-            On a small CPU machine the loader workers and the compute threads share the cores; see
-            ``benchmarks/scale.py`` and the README for the measurement behind the demo's choice.
+            (all cores), 0 the cores this process may use minus ``num_workers`` (at least 1), N sets N
+            (docs/BENCHMARKS.md measures the choice on a small CPU machine).
         max_unreadable: share of an evaluation set's (or the training set's) tracklets that may have no
             decodable frame before the run stops with an error listing them (farreid choice: 1%, issue 10).
         classifier_size: the classifier width when this run does not train (``test``/``predict``: the farreid CLI
@@ -93,8 +84,8 @@ class DetReIDXDataModule(L.LightningDataModule):
         erase_p: float = 0.5,
         pad: int = 10,
         color_jitter: float = 0.0,
-        test_split: str = "cases",
-        test_frames: str = "even",
+        test_split: Literal["cases", "val"] = "cases",
+        test_frames: Literal["even", "all"] = "even",
         index_cache: bool = True,
         index_cache_dir: str | None = None,
         max_unreadable: float = 0.01,
@@ -110,10 +101,6 @@ class DetReIDXDataModule(L.LightningDataModule):
         for name, value in (("num_frames", num_frames), ("num_frames_test", num_frames_test), ("p", p), ("k", k)):
             if value is not None and value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
-        if test_split not in ("cases", "val"):
-            raise ValueError(f"data.test_split must be 'cases' or 'val', got {test_split!r}")
-        if test_frames not in ("even", "all"):
-            raise ValueError(f"data.test_frames must be 'even' (T evenly spaced frames) or 'all', got {test_frames!r}")
         if compute_threads is not None and compute_threads < 0:
             raise ValueError(f"data.compute_threads must be None, 0 (auto) or a positive count, got {compute_threads}")
         if not 0.0 <= max_unreadable <= 1.0:
@@ -214,7 +201,7 @@ class DetReIDXDataModule(L.LightningDataModule):
         and warned. Checked here, on the CPU copy, so the device step stays free of host syncs.
         """
         if isinstance(batch, dict) and "aug" in batch and "valid" in batch and not bool(batch["valid"].all()):
-            batch = _select_rows(batch, batch["valid"])
+            batch = select_rows(batch, batch["valid"])
         return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -239,37 +226,19 @@ class DetReIDXDataModule(L.LightningDataModule):
 
     def _transform(self, training: bool) -> TrackletTransform:
         h = self.hparams
-        if not training:
-            return TrackletTransform(image_size=tuple(h.image_size), training=False)
-        return TrackletTransform(
-            image_size=tuple(h.image_size),
-            training=True,
-            flip_p=h.flip_p,
-            erase_p=h.erase_p,
-            pad=h.pad,
-            color_jitter=h.color_jitter,
-        )
+        augment = {"flip_p": h.flip_p, "erase_p": h.erase_p, "pad": h.pad, "color_jitter": h.color_jitter}
+        return TrackletTransform(image_size=tuple(h.image_size), training=training, **(augment if training else {}))
 
     def train_dataloader(self) -> DataLoader:
-        h = self.hparams
-        trainer = self.trainer
-        sampler = IdentityBatchSampler(
-            self.train_set.labels,
+        h, trainer = self.hparams, self.trainer
+        return train_loader(
+            self.train_set,
             p=h.p,
             k=h.k,
             passes_per_epoch=h.passes_per_epoch,
             seed=h.split_seed if trainer is None else int(os.environ.get("PL_GLOBAL_SEED", h.split_seed)),
-            num_replicas=1 if trainer is None else trainer.world_size,
-            rank=0 if trainer is None else trainer.global_rank,
-        )
-        if trainer is not None:
-            sampler.set_position(*_loop_position(trainer, len(sampler)))
-        return TrainLoader(
-            self.train_set,
-            batch_sampler=sampler,
             num_workers=h.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=h.num_workers > 0,
+            trainer=trainer,
         )
 
     def _eval_loader(self, name: str) -> DataLoader:
@@ -284,21 +253,13 @@ class DetReIDXDataModule(L.LightningDataModule):
                 dense=self.hparams.test_frames == "all",
                 max_unreadable=self.hparams.max_unreadable,
             )
-        dataset = self.eval_datasets[name]
-        sampler = None
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # Padded to equal length per rank; the evaluator drops the repeats by dataset index after gathering.
-            sampler = DistributedSampler(
-                dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
-            )
-        return DataLoader(
-            dataset,
+        trainer = self.trainer
+        return eval_loader(
+            self.eval_datasets[name],
             batch_size=self.hparams.batch_size_test,
-            sampler=sampler,
-            shuffle=False,
             num_workers=self.hparams.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.hparams.num_workers > 0,  # workers kept across validations
+            world_size=1 if trainer is None else trainer.world_size,
+            rank=0 if trainer is None else trainer.global_rank,
         )
 
     # ------------------------------------------------ stage 1 on cached features (issue 11, farreid.module)
@@ -336,50 +297,3 @@ class DetReIDXDataModule(L.LightningDataModule):
     def eval_set(self, stage: str) -> EvalSet:
         """The :class:`EvalSet` evaluated in a Lightning stage ("validate"/"fit" -> val, "test"/"predict")."""
         return self.eval_sets["val" if stage in ("fit", "validate", "sanity_check") else "test"]
-
-
-def _select_rows(value, keep: torch.Tensor):
-    """The rows ``keep`` (a (B,) bool mask) of every (B, ...) tensor in a collated batch, nested dicts included."""
-    if isinstance(value, dict):
-        return {k: _select_rows(v, keep) for k, v in value.items()}
-    if torch.is_tensor(value) and value.shape[:1] == keep.shape:
-        return value[keep]
-    if isinstance(value, list) and len(value) == len(keep):
-        return [v for v, k in zip(value, keep.tolist(), strict=True) if k]
-    return value
-
-
-def _loop_position(trainer: L.Trainer, num_batches: int) -> tuple[int, int]:
-    """(epoch, first batch) the fit loop continues from: (0, 0) fresh, (e, n) resumed after n batches of epoch e.
-
-    Lightning builds the training iterator once, before the first epoch, and on resume does not rebuild it; with
-    DataLoader workers the first indices are drawn at that moment, before Lightning's ``set_epoch``. So the
-    sampler is put at the restored position here (the module looks up the run's total steps lazily, so that
-    this loader is built after the checkpoint is restored).
-    """
-    epoch = trainer.fit_loop.epoch_progress.current.processed
-    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    return epoch, done if 0 < done < num_batches else 0
-
-
-class TrainLoader(DataLoader):
-    """The training DataLoader, resumable in Lightning's sense (``state_dict``/``load_state_dict``).
-
-    Its position needs no state of its own (it is a function of the restored fit loop, see ``_loop_position``);
-    the state records what the batches are drawn from, so that resuming on other data or another P×K is an
-    error instead of a silent change of the batch sequence.
-    """
-
-    def state_dict(self) -> dict:
-        sampler: IdentityBatchSampler = self.batch_sampler
-        return {"num_tracklets": len(self.dataset), "num_batches": len(sampler), "seed": sampler.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        changed = {k: (v, mine.get(k)) for k, v in state.items() if mine.get(k) != v}
-        if changed:
-            details = ", ".join(f"{k}: checkpoint {old} vs now {new}" for k, (old, new) in changed.items())
-            raise ValueError(
-                f"cannot resume: the training data or sampler differ from the checkpoint's ({details}); resume with "
-                "the same data.root, data.val_share, data.p/k and seed, or start a new run"
-            )
