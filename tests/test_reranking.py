@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from farreid.evaluation import reranking
-from farreid.evaluation.reranking import re_ranking
+from farreid.evaluation.reranking import encoding, jaccard, neighbours, re_ranking
 from tests.reference_reranking import re_ranking_reference
 
 
@@ -57,19 +56,19 @@ def test_matches_reference_in_small_pieces_on_two_workers(monkeypatch, cluster_s
     features = identity_features(num, cluster_size, noise, seed=cluster_size)
     expected = re_ranking_reference(features[:num_query], features[num_query:])
     calls = []
-    pair_distances = reranking._pair_distances
-    monkeypatch.setattr(reranking, "_pair_distances", lambda *a: calls.append(1) or pair_distances(*a))
-    monkeypatch.setattr(reranking, "_PAIR_ROWS", 16)
-    monkeypatch.setattr(reranking, "_JACCARD_PAIR_BUDGET", 64)
-    monkeypatch.setattr(reranking, "_JACCARD_BLOCK", 8 * (num - num_query))
-    monkeypatch.setattr(reranking, "_DISTANCE_BLOCK", 1)
-    monkeypatch.setattr(reranking, "_BLOCK_EDGE", 64)  # the whole-matrix pass: 8 x 8 blocks, 28 of them mirrored
-    monkeypatch.setattr(reranking, "_TOPK_GROUP", 3)  # neighbour lists through the grouped pre-selection
+    pair_distances = encoding.pair_distances
+    monkeypatch.setattr(encoding, "pair_distances", lambda *a: calls.append(1) or pair_distances(*a))
+    monkeypatch.setattr(encoding, "_PAIR_ROWS", 16)
+    monkeypatch.setattr(jaccard, "_JACCARD_PAIR_BUDGET", 64)
+    monkeypatch.setattr(jaccard, "_JACCARD_BLOCK", 8 * (num - num_query))
+    monkeypatch.setattr(neighbours, "_DISTANCE_BLOCK", 1)
+    monkeypatch.setattr(neighbours, "_BLOCK_EDGE", 64)  # the whole-matrix pass: 8 x 8 blocks, 28 of them mirrored
+    monkeypatch.setattr(neighbours, "_TOPK_GROUP", 3)  # neighbour lists through the grouped pre-selection
     threads = torch.get_num_threads()
     results = []
     try:
         for full_matrix in (True, False):  # below and above `_FULL_DISTANCE_BYTES`
-            monkeypatch.setattr(reranking, "_FULL_DISTANCE_BYTES", 1 << 40 if full_matrix else 0)
+            monkeypatch.setattr(neighbours, "_FULL_DISTANCE_BYTES", 1 << 40 if full_matrix else 0)
             for workers in (1, 2):
                 torch.set_num_threads(workers)
                 results.append(run(features, num_query, chunk_size=50))
@@ -92,7 +91,7 @@ def test_smallest_equals_topk(rows, length, k):
     values[1, -2] = 2.0  # and the largest, in row 1
     values[0, 10:40] = values[0, 3]  # a run of ties
     expected = torch.topk(values, k, dim=1, largest=False)
-    got = reranking._smallest(values, k)
+    got = neighbours.smallest(values, k)
     torch.testing.assert_close(got[0], expected.values, rtol=0, atol=0)
     torch.testing.assert_close(got[2], values.amax(dim=1), rtol=0, atol=0)
     assert torch.equal(values.gather(1, got[1]), got[0])  # the indices point at those values
