@@ -1,111 +1,29 @@
-"""Lightning glue of the evaluation: gather features from every rank, score each case on rank 0, log, report.
+"""Lightning glue of the evaluation: collect each batch's embeddings, score every case on rank 0, log, report.
 
-The scoring itself lives in plain functions (``metrics``, ``reranking``, ``search``, ``submission``, ``plots``);
-this callback collects the module's per-batch outputs, removes the distributed sampler's repeats, averages the
-chunk rows of a tracklet (dense evaluation), drops unreadable tracklets, refuses non-finite embeddings, and
-hands whole feature matrices to them. The gathered features stay on their device: distances and re-ranking run
-there in memory-sized chunks. Only rank 0 scores; the metrics are broadcast so that every rank logs the same
-monitored value (what ``ModelCheckpoint`` and early stopping read on each rank).
+The state of an epoch is an :class:`~farreid.evaluation.state.EmbeddingRows` metric (torchmetrics gathers it from
+every rank); scoring is :mod:`farreid.evaluation.scoring`, the table and figures :mod:`farreid.evaluation.reporting`,
+the challenge CSV :mod:`farreid.evaluation.submission`. Only rank 0 scores; the metrics are broadcast so that every
+rank logs the same monitored value (what ``ModelCheckpoint`` and early stopping read on each rank).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from farreid.data.protocols import EvalSet
-from farreid.evaluation.metrics import case_mean, evaluate_challenge, evaluate_rank, pool_results, summarize
-from farreid.evaluation.reporting import format_table, metadata_breakdowns, write_figures
-from farreid.evaluation.reranking import re_ranking
-from farreid.evaluation.search import chunk_rows, ranked_distances
+from farreid.evaluation import scoring
+from farreid.evaluation.reporting import metadata_breakdowns, run_table, write_figures
+from farreid.evaluation.scoring import NAMES_SHOWN, Scorer
+from farreid.evaluation.state import EmbeddingRows, Gathered, merged
 from farreid.evaluation.submission import write_submission
 
 METRICS = ("mAP", "mINP", "rank1", "rank5", "rank10")
-# Tracklet names listed in an error or a report before "... and N more".
-_NAMES_SHOWN = 10
-
-
-def gather_rows(pl_module: L.LightningModule, rows: torch.Tensor) -> torch.Tensor:
-    """All-gather a (n, ...) tensor whose n may differ between ranks; returns the rows of every rank, rank-major."""
-    if pl_module.trainer.world_size == 1:
-        return rows
-    count = torch.tensor([rows.shape[0]], device=rows.device)
-    counts = pl_module.all_gather(count).flatten().tolist()  # (world,)
-    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
-    padded[: rows.shape[0]] = rows
-    gathered = pl_module.all_gather(padded)  # (world, max_n, ...)
-    return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
-
-
-def _names(eval_set: EvalSet, indices) -> str:
-    names = [eval_set.tracklets[int(i)].name for i in indices]
-    more = f" ... and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
-    return ", ".join(names[:_NAMES_SHOWN]) + more
-
-
-@dataclasses.dataclass
-class Gathered:
-    """Per-tracklet evaluation inputs, in ``EvalSet`` order, on the device the features were computed on.
-
-    Attributes:
-        features: (N, F) float32 L2-normalised embeddings (rows of dropped tracklets are zero).
-        weights: (N, T) frame weights of each tracklet's first row (for the attention figure).
-        seen: (N,) bool, the tracklet had at least one row in this evaluation.
-        readable: (N,) bool, at least one of its rows decoded a frame (``valid``).
-    """
-
-    features: torch.Tensor
-    weights: torch.Tensor
-    seen: torch.Tensor
-    readable: torch.Tensor
-
-
-def merge_rows(
-    features: torch.Tensor,
-    weights: torch.Tensor,
-    index: torch.Tensor,
-    item: torch.Tensor,
-    valid: torch.Tensor,
-    num_tracklets: int,
-) -> Gathered:
-    """De-duplicate gathered rows by ``item``, average the valid rows of each tracklet ``index`` and re-normalise.
-
-    Args:
-        features: (R, F) embeddings of the gathered rows; weights: (R, T) their frame weights.
-        index: (R,) tracklet index in the eval set; item: (R,) row of the eval dataset (one tracklet may have
-            several rows in dense evaluation; DistributedSampler repeats some rows to pad the ranks).
-        valid: (R,) bool, False when no frame of the row's tracklet could be decoded.
-        num_tracklets: N, the tracklets of the eval set.
-    """
-    index, item, valid = index.long(), item.long(), valid.bool()
-    first = torch.full((int(item.max()) + 1,), len(item), dtype=torch.long, device=item.device)
-    first.scatter_reduce_(0, item, torch.arange(len(item), device=item.device), reduce="amin")
-    keep = first[first < len(item)]  # one position per distinct item
-    features, weights, index, valid = features[keep].float(), weights[keep].float(), index[keep], valid[keep]
-    if bool((index < 0).any() or (index >= num_tracklets).any()):
-        raise RuntimeError(f"evaluation rows carry tracklet indices outside [0, {num_tracklets})")
-    seen = torch.zeros(num_tracklets, dtype=torch.bool, device=index.device)
-    seen[index] = True
-    # An unreadable row's features are whatever the model made of blank frames: they never enter the sum (a
-    # where, not a product with 0, since 0 * NaN is NaN). A non-finite *valid* row stays in and is reported.
-    rows = torch.where(valid[:, None], features, torch.zeros_like(features))  # (R', F)
-    summed = features.new_zeros(num_tracklets, features.shape[1]).index_add_(0, index, rows)
-    counts = features.new_zeros(num_tracklets).index_add_(0, index, valid.to(features.dtype))
-    readable = counts > 0
-    pooled = F.normalize(summed, dim=1)  # the mean of the rows, re-normalised
-    first_row = torch.full((num_tracklets,), len(index), dtype=torch.long, device=index.device)
-    first_row.scatter_reduce_(0, index, torch.arange(len(index), device=index.device), reduce="amin")
-    frame_weights = weights.new_zeros(num_tracklets, weights.shape[1])
-    frame_weights[seen] = weights[first_row[seen]]
-    return Gathered(pooled * readable[:, None], frame_weights, seen, readable)
 
 
 class ReIDEvaluator(Callback):
@@ -132,7 +50,7 @@ class ReIDEvaluator(Callback):
 
     def __init__(
         self,
-        scorer: str = "market",
+        scorer: Scorer = "market",
         max_rank: int = 50,
         rerank: bool = False,
         k1: int = 20,
@@ -143,8 +61,6 @@ class ReIDEvaluator(Callback):
         figures: bool = True,
         figure_queries: int = 4,
     ) -> None:
-        if scorer not in ("market", "challenge"):
-            raise ValueError(f"evaluator.scorer must be 'market' or 'challenge', got {scorer!r}")
         self.scorer = scorer
         self.max_rank = max_rank
         self.rerank = rerank
@@ -152,42 +68,43 @@ class ReIDEvaluator(Callback):
         self.rerank_on_validation = rerank_on_validation
         self.figures = figures
         self.figure_queries = figure_queries
-        self._outputs: list[dict] = []
+        self.rows = EmbeddingRows()
         self._said_sanity = False
         self.last_results: dict = {}
         self.run_info: dict = {}
 
     # ------------------------------------------------------------------------------------ collection
-    def _reset(self, *_args) -> None:
-        self._outputs = []
+    def _reset(self, trainer, pl_module) -> None:
+        self.rows = self.rows.to(pl_module.device)
+        self.rows.reset()
 
     on_validation_epoch_start = on_test_epoch_start = on_predict_epoch_start = _reset
 
     def _collect(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        index = outputs["index"].detach()
-        # Until every producer sends them: one row per tracklet, every row readable.
-        item = outputs.get("item", index)
-        valid = outputs.get("valid")
-        valid = torch.ones_like(index, dtype=torch.bool) if valid is None else valid
-        self._outputs.append(
-            {
-                "features": outputs["features"].detach(),
-                "weights": outputs["weights"].detach(),
-                "index": index,
-                "item": item.detach(),
-                "valid": valid.detach().bool(),
-            }
+        self.rows.update(
+            outputs["features"],
+            outputs["weights"],
+            outputs["index"],
+            item=outputs.get("item"),
+            valid=outputs.get("valid"),
+            pid=batch.get("pid") if isinstance(batch, dict) else None,
         )
 
     on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _collect
 
-    def _gathered(self, pl_module: L.LightningModule, num_items: int) -> Gathered:
-        """Gather every rank's rows (a collective: call on every rank) and merge them per tracklet."""
-
-        def cat(key: str) -> torch.Tensor:
-            return gather_rows(pl_module, torch.cat([o[key] for o in self._outputs]))
-
-        return merge_rows(cat("features"), cat("weights"), cat("index"), cat("item"), cat("valid"), num_items)
+    def _gathered(self, eval_set: EvalSet) -> Gathered:
+        """Every rank's rows (a collective: call on every rank), merged per tracklet and checked against the set."""
+        rows = self.rows.compute()
+        known = rows["pid"] >= 0
+        if bool(known.any()):
+            expected = torch.as_tensor([t.pid for t in eval_set.tracklets], device=rows["index"].device)
+            wrong = known & (expected[rows["index"].clamp(0, len(eval_set) - 1)] != rows["pid"])
+            if bool(wrong.any()):
+                raise RuntimeError(
+                    f"{int(wrong.sum())} evaluation rows carry a PID other than their tracklet's "
+                    f"({scoring.names(eval_set, rows['index'][wrong].tolist())}): the loader and the set disagree"
+                )
+        return merged(rows, len(eval_set))
 
     @staticmethod
     def _limited(trainer: L.Trainer, stage: str) -> bool:
@@ -197,91 +114,15 @@ class ReIDEvaluator(Callback):
         )
         return bool(trainer.fast_dev_run) or limit != 1.0
 
-    def _checked(self, trainer: L.Trainer, eval_set: EvalSet, gathered: Gathered, stage: str) -> tuple[EvalSet, dict]:
-        """The eval set restricted to scoreable tracklets, and what was left out (raises on real faults).
-
-        Runs identically on every rank (the gathered features are the same everywhere), so a fault raises on all.
-        """
-        missing = (~gathered.seen).nonzero().flatten().tolist()
-        if missing and not self._limited(trainer, stage):
-            raise RuntimeError(
-                f"evaluation saw {len(eval_set) - len(missing)} of {len(eval_set)} tracklets: {len(missing)} missing "
-                f"({_names(eval_set, missing)})"
-            )
-        finite = torch.isfinite(gathered.features).all(dim=1)
-        bad = (~finite & gathered.readable).nonzero().flatten().tolist()
-        if bad:
-            scored = int(gathered.readable.sum())
-            culprit = (
-                "every tracklet did: the checkpoint's weights are probably non-finite"
-                if len(bad) == scored
-                else f"tracklets {_names(eval_set, bad)}"
-            )
-            raise FloatingPointError(f"non-finite embeddings for {len(bad)} of {scored} tracklets ({culprit})")
-        unreadable = (gathered.seen & ~gathered.readable).nonzero().flatten().tolist()
-        keep = (gathered.seen & gathered.readable).cpu().numpy()
-        cases = {case: (q[keep[q]], g[keep[g]]) for case, (q, g) in eval_set.cases.items()}
-        cases = {case: (q, g) for case, (q, g) in cases.items() if len(q) and len(g)}
-        notes = {
-            "unreadable": {"count": len(unreadable), "tracklets": [eval_set.tracklets[i].name for i in unreadable]},
-            "not_evaluated": len(missing),
-        }
-        return dataclasses.replace(eval_set, cases=cases), notes
-
     # --------------------------------------------------------------------------------------- scoring
-    def _distances(self, query: torch.Tensor, gallery: torch.Tensor, rerank: bool) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, G) distances (1 - cosine, or re-ranked) and rankings, computed on the features' device."""
-        if not rerank:
-            return ranked_distances(query, gallery)
-        num_all = query.shape[0] + gallery.shape[0]
-        chunk = min(4096, chunk_rows(query.device, num_all, floats_per_entry=2))
-        distmat = re_ranking(query, gallery, **self.rerank_params, chunk_size=chunk)
-        ranking = torch.argsort(distmat, dim=1, stable=True)
-        return distmat.cpu().numpy(), ranking.cpu().numpy()
-
     def score(self, eval_set: EvalSet, feats: torch.Tensor, rerank: bool) -> dict:
-        """Per-case results (``metrics`` dicts) plus the pooled ``overall``; with ``rerank`` also ``rerank``.
-
-        Args:
-            eval_set: tracklets and the (query, gallery) indices of each case.
-            feats: (N, F) L2-normalised embeddings of every tracklet, on any device (scored there).
-            rerank: score k-reciprocal re-ranked distances instead of cosine distances.
-        """
-        per_case, rankings = {}, {}
-        tr = eval_set.tracklets
-        for case, (q, g) in eval_set.cases.items():
-            q_idx = torch.as_tensor(q, dtype=torch.long, device=feats.device)
-            g_idx = torch.as_tensor(g, dtype=torch.long, device=feats.device)
-            distmat, ranking = self._distances(feats[q_idx], feats[g_idx], rerank)
-            rankings[case] = ranking
-            if eval_set.anonymized:
-                continue
-            q_pids, g_pids = np.array([tr[i].pid for i in q]), np.array([tr[i].pid for i in g])
-            if self.scorer == "market":
-                q_cams, g_cams = np.array([tr[i].camid for i in q]), np.array([tr[i].camid for i in g])
-                per_case[case] = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=self.max_rank)
-            else:
-                q_names, g_names = [tr[i].name for i in q], [tr[i].name for i in g]
-                per_case[case] = evaluate_challenge(distmat, q_pids, g_pids, q_names, g_names, max_rank=self.max_rank)
-        results = {"cases": per_case, "rankings": rankings}
-        if per_case:
-            results["overall"] = pool_results(list(per_case.values()), max_rank=self.max_rank)
-        return results
-
-    def _summary(self, results: dict, eval_set: EvalSet) -> dict:
-        """JSON summary of one run: each case, the pooled ``overall`` and the per-case mean ``case_mean``."""
-        summary = {}
-        for case, result in results["cases"].items():
-            summary[case] = {**summarize(result), "num_gallery": len(eval_set.cases[case][1])}
-        num_gallery = sum(s["num_gallery"] for s in summary.values())
-        summary["overall"] = {**summarize(results["overall"]), "num_gallery": num_gallery}
-        summary["case_mean"] = summarize(case_mean(results["cases"]))
-        return summary
+        """:func:`farreid.evaluation.scoring.score` with this evaluator's scorer and re-ranking parameters."""
+        params = self.rerank_params if rerank else None
+        return scoring.score(eval_set, feats, self.scorer, self.max_rank, params)
 
     @staticmethod
-    def _out_dir(trainer: L.Trainer) -> Path:
-        """The run directory; call on every rank (``trainer.log_dir`` is a collective under DDP)."""
-        return Path(trainer.log_dir or trainer.default_root_dir)
+    def _summary(results: dict, eval_set: EvalSet) -> dict:
+        return scoring.summary(results, eval_set)
 
     def _sanity_check(self, trainer: L.Trainer) -> bool:
         if not trainer.sanity_checking:
@@ -295,9 +136,10 @@ class ReIDEvaluator(Callback):
         if self._sanity_check(trainer):
             return
         full_set: EvalSet = trainer.datamodule.eval_set(stage)
-        out_dir = self._out_dir(trainer) if stage == "test" or full_set.anonymized else None
-        gathered = self._gathered(pl_module, len(full_set))
-        eval_set, notes = self._checked(trainer, full_set, gathered, stage)
+        # The run directory, asked on every rank (``trainer.log_dir`` is a collective under DDP).
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) if stage == "test" or full_set.anonymized else None
+        gathered = self._gathered(full_set)
+        eval_set, notes = scoring.scoreable(full_set, gathered, self._limited(trainer, stage))
         prefix = "val" if stage == "validate" else "test"
         runs = [("plain", False)]
         if self.rerank and (stage == "test" or self.rerank_on_validation):
@@ -324,7 +166,7 @@ class ReIDEvaluator(Callback):
         title = prefix if stage == "test" else f"{prefix} (epoch {trainer.current_epoch})"
         if stage != "test" and trainer.state.fn != "fit":
             title = f"{prefix} (checkpoint)"
-        print(self._table(summaries, notes, title, len(full_set)))
+        print(run_table(summaries, notes, title, len(full_set), NAMES_SHOWN))
         if stage == "test":
             self._report_test(trainer, out_dir, eval_set, gathered.weights.cpu(), report, gathered.features.cpu())
 
@@ -337,25 +179,7 @@ class ReIDEvaluator(Callback):
                     pl_module.log(f"{key}/{group}/{metric}", float(values[metric]), sync_dist=False)
         pl_module.log(f"{prefix}/unreadable", float(notes["unreadable"]["count"]), sync_dist=False)
 
-    @staticmethod
-    def _table(summaries: dict, notes: dict, title: str, num_tracklets: int) -> str:
-        lines = [format_table(summaries, title=title)]
-        unreadable = notes["unreadable"]
-        if unreadable["count"]:
-            lines.append(
-                f"unreadable tracklets dropped from query and gallery: {unreadable['count']} "
-                f"({', '.join(unreadable['tracklets'][:_NAMES_SHOWN])})"
-            )
-        if notes["not_evaluated"]:
-            lines.append(
-                f"partial evaluation (limited batches): {num_tracklets - notes['not_evaluated']} of "
-                f"{num_tracklets} tracklets scored"
-            )
-        return "\n".join(lines)
-
-    def _report_test(
-        self, trainer, out_dir: Path, eval_set: EvalSet, weights: torch.Tensor, report: dict, feats=None
-    ) -> None:
+    def _report_test(self, trainer, out_dir: Path, eval_set: EvalSet, weights, report: dict, feats=None) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         breakdown = metadata_breakdowns(eval_set, report["plain"][1]["cases"])
         if breakdown:
@@ -374,35 +198,31 @@ class ReIDEvaluator(Callback):
 
     @staticmethod
     def _write_submission(out_dir: Path, eval_set: EvalSet, rankings: dict, suffix: str = "") -> None:
-        tr = eval_set.tracklets
-        rows = {}
-        for case, (q, g) in eval_set.cases.items():
-            names_g = np.array([tr[i].name for i in g])
-            rows[case] = ([tr[i].name for i in q], [list(names_g[r]) for r in rankings[case]])
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"submission{suffix}.csv"
-        write_submission(path, rows)
+        write_submission(path, scoring.submission_rows(eval_set, rankings))
         print(f"[farreid] anonymized test set: challenge submission written to {path}")
 
+    # ---------------------------------------------------------------------------------- epoch ends
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self._outputs:
+        if self.rows.num_rows:
             self._evaluate(trainer, pl_module, "validate")
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        if self._outputs:
+        if self.rows.num_rows:
             self._evaluate(trainer, pl_module, "test")
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        if not self._outputs:
+        if not self.rows.num_rows:
             return
         full_set: EvalSet = trainer.datamodule.eval_set("predict")
-        out_dir = self._out_dir(trainer)
-        gathered = self._gathered(pl_module, len(full_set))
-        eval_set, notes = self._checked(trainer, full_set, gathered, "predict")
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        gathered = self._gathered(full_set)
+        eval_set, notes = scoring.scoreable(full_set, gathered, self._limited(trainer, "predict"))
         if notes["unreadable"]["count"]:
             rank_zero_warn(
                 f"[farreid] {notes['unreadable']['count']} unreadable tracklets left out of the submission: "
-                f"{', '.join(notes['unreadable']['tracklets'][:_NAMES_SHOWN])}"
+                f"{', '.join(notes['unreadable']['tracklets'][:NAMES_SHOWN])}"
             )
         if trainer.is_global_zero:
             results = self.score(eval_set, gathered.features, rerank=self.rerank)

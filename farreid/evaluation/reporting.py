@@ -42,6 +42,23 @@ def format_table(summaries: dict[str, dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def run_table(summaries: dict, notes: dict, title: str, num_tracklets: int, names_shown: int = 10) -> str:
+    """:func:`format_table` plus a line per thing left out: unreadable tracklets, unscored ones (limited batches)."""
+    lines = [format_table(summaries, title=title)]
+    unreadable = notes["unreadable"]
+    if unreadable["count"]:
+        lines.append(
+            f"unreadable tracklets dropped from query and gallery: {unreadable['count']} "
+            f"({', '.join(unreadable['tracklets'][:names_shown])})"
+        )
+    if notes["not_evaluated"]:
+        lines.append(
+            f"partial evaluation (limited batches): {num_tracklets - notes['not_evaluated']} of "
+            f"{num_tracklets} tracklets scored"
+        )
+    return "\n".join(lines)
+
+
 def metadata_breakdowns(eval_set: EvalSet, per_case: dict) -> dict[str, list[dict]]:
     """mAP of aerial queries by altitude, horizontal distance and pitch, pooled over the cases they query."""
     aps, altitudes, distances, pitches = [], [], [], []
