@@ -15,6 +15,7 @@ ViT-L/14 is estimated on paper: FLOPs of the same step counted on the meta devic
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -24,6 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from farreid.models.backbone import CLIPVisionBackbone
 from farreid.models.text import TextPromptLearner
 from farreid.module import ReIDModule
+from farreid.optim import WarmupCosine
+from farreid.text_stage import cache_image_features
 
 VISION = {
     "vitb16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
@@ -50,7 +53,7 @@ def build(name: str, features: str) -> ReIDModule:
         text=lambda n: TextPromptLearner(n, config={**TEXT[name], **CLIP_TEXT}),
         stage=1,
         stage1_features=features,
-        warmup_steps=0,
+        lr_scheduler=functools.partial(WarmupCosine, warmup_steps=0),
     )
 
 
@@ -65,7 +68,7 @@ def batch(clips: int, frames: int) -> dict:
 
 
 def step(model: ReIDModule, optimizer: torch.optim.Optimizer, data: dict) -> None:
-    losses = model._stage1_losses(data, data["label"])
+    losses = model.losses(data)
     sum(losses.values()).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -79,7 +82,7 @@ def measure(clips: int, frames: int, runs: int) -> None:
     data = batch(clips, frames)
     start = time.perf_counter()
     # The cache of one batch's clips, as on_fit_start computes it for the whole training set.
-    cached.image_bank = cached.cache_image_features([data])
+    cached.image_bank = cache_image_features(cached, [data])
     cache_seconds = (time.perf_counter() - start) / clips
     optimizers = [m.build_optimizer() for m in (online, cached)]
     times: list[list[float]] = [[], []]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -26,70 +25,28 @@ import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from farreid._quiet import default_progress_bar, quiet_known_messages
-from farreid.data.datamodule import ROOT_ENV, DetReIDXDataModule
+from farreid.data.datamodule import DetReIDXDataModule
 from farreid.data.datasets import dataset_provenance
 from farreid.evaluation.callback import ReIDEvaluator
-from farreid.models import CLIP_ENV
 from farreid.module import ReIDModule
-from farreid.runs import LAST, AtomicCheckpointIO, Preempted, RunCheckpoint, RunLock, is_launcher_process, new_run_dir
-
-# config key -> environment variable that fills it when the command line does not
-PATH_KEYS = {
-    "data.root": ROOT_ENV,
-    "model.backbone.init_args.pretrained": CLIP_ENV,
-    "model.text.init_args.pretrained": CLIP_ENV,
-}
-SUBCOMMAND_HELP = {
-    "fit": "Train the model (stage 1 or 2), validating on the held-out training identities.",
-    "validate": "Score a checkpoint on the validation split carved from the training identities.",
-    "test": "Score a checkpoint on the case folders (or write the challenge CSV on an anonymized release).",
-    "predict": "Write the challenge submission CSV (whole gallery ranked per query) for a checkpoint.",
-}
-
-
-def configure_wandb_mode(environ: os._Environ | dict = os.environ) -> str:
-    """Make W&B offline unless credentials are configured, so that no run ever waits for a login prompt.
-
-    Respects an explicit ``WANDB_MODE``; otherwise online only with ``WANDB_API_KEY`` or a netrc entry for the
-    W&B host. Returns the mode in force.
-    """
-    if environ.get("WANDB_MODE"):
-        return environ["WANDB_MODE"]
-    netrc = Path(environ.get("NETRC", Path.home() / ".netrc"))
-    has_netrc = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-    mode = "online" if environ.get("WANDB_API_KEY") or has_netrc else "offline"
-    environ["WANDB_MODE"] = mode
-    environ.setdefault("WANDB_SILENT", "true")
-    return mode
-
-
-def git_commit() -> str | None:
-    """The farreid checkout's commit (with ``+dirty`` for uncommitted changes), or None outside a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "-uno"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if sha.returncode != 0:
-        return None
-    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-class LoggedConfigCallback(SaveConfigCallback):
-    """Saves ``config.yaml`` in the run directory and also logs the resolved config to every logger (W&B)."""
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        import yaml
-
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False, format="yaml"))
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"config": config})
+from farreid.paths import PATH_KEYS
+from farreid.run_info import LoggedConfigCallback, configure_wandb_mode, git_commit
+from farreid.runs import (
+    LAST,
+    AtomicCheckpointIO,
+    Preempted,
+    RunCheckpoint,
+    RunLock,
+    RunLockCallback,
+    is_launcher_process,
+    new_run_dir,
+    route_checkpoints,
+    route_loggers,
+)
+from farreid.trainer import FarReIDTrainer
 
 
 def _given_on_command_line(args: list[str], key: str) -> bool:
@@ -115,22 +72,6 @@ class FarReIDCLI(LightningCLI):
         parser.add_lightning_class_args(ReIDEvaluator, "evaluator")
         parser.add_lightning_class_args(RunCheckpoint, "checkpointing")
 
-    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand in ("validate", "test"):
-            parser.set_defaults(verbose=False)  # the evaluator prints farreid's table; no second Lightning one
-        return parser
-
-    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
-        # Lightning takes each subcommand's help from the first docstring line of the Trainer method, which is
-        # cut mid-sentence for test and predict.
-        for name, text in SUBCOMMAND_HELP.items():
-            kwargs.setdefault(name, {}).setdefault("description", text)
-        super()._add_subcommands(parser, **kwargs)
-        for action in parser._subcommands_action._choices_actions:
-            if action.dest in SUBCOMMAND_HELP:
-                action.help = SUBCOMMAND_HELP[action.dest]
-
     # ------------------------------------------------------------------------------------- parsing
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict | Namespace) else None
@@ -143,8 +84,11 @@ class FarReIDCLI(LightningCLI):
         # --print_config shows the paths the environment fills in, so it is parsed here, not by jsonargparse.
         super().parse_arguments(parser, [a for a in argv if not a.startswith("--print_config")])
         self._resolve_paths(self.config, announce=False)
+        import yaml
+
         subcommand = self.config["subcommand"]
-        print(self._subcommand_parsers[subcommand].dump(self.config[subcommand], skip_none=False), end="")
+        dumped = yaml.safe_load(parser.dump(self.config, skip_none=False))
+        print(yaml.safe_dump(dumped[subcommand], sort_keys=False), end="")
         raise SystemExit(0)
 
     def _resolve_paths(self, config: Namespace, announce: bool = True) -> None:
@@ -181,12 +125,14 @@ class FarReIDCLI(LightningCLI):
         self._resolve_ckpt_path(cfg, subcommand, ckpt_dir)
         if subcommand in ("test", "predict"):
             self._classifier_from_checkpoint(cfg)
+        if subcommand in ("validate", "test") and not _given_on_command_line(self._argv, "verbose"):
+            cfg.verbose = False  # the evaluator prints farreid's table; no second Lightning one
         self._lock_dir = root if subcommand == "fit" and is_launcher_process() else None
         run_dir = new_run_dir(root, subcommand)
         cfg.trainer.default_root_dir = str(run_dir)
         cfg.checkpointing.dirpath = str(ckpt_dir)
-        self._route_loggers(cfg, run_dir)
-        self._route_checkpoints(cfg, ckpt_dir)
+        route_loggers(cfg, run_dir)
+        route_checkpoints(cfg, ckpt_dir)
         if is_launcher_process():
             print(f"[farreid] {subcommand}: run directory {run_dir}; checkpoints in {ckpt_dir}")
 
@@ -222,37 +168,6 @@ class FarReIDCLI(LightningCLI):
         elif cfg.data.get("root") and not (Path(cfg.data.root) / "train").is_dir():
             cfg.data.classifier_size = 1
 
-    @staticmethod
-    def _route_loggers(cfg: Namespace, run_dir: Path) -> None:
-        """Every logger writes into the run directory, whatever its own versioning would pick."""
-        logger = cfg.trainer.get("logger")
-        if logger is True or logger is None:
-            cfg.trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.CSVLogger",
-                init_args=Namespace(save_dir=str(run_dir), name="", version=""),
-            )
-            return
-        for item in logger if isinstance(logger, list) else [logger]:
-            if not isinstance(item, Namespace):
-                continue
-            args = item.get("init_args") or Namespace()
-            if item.class_path.endswith(("CSVLogger", "TensorBoardLogger")):
-                args.save_dir, args.name, args.version = str(run_dir), "", ""
-            else:
-                args.save_dir = str(run_dir)
-            item.init_args = args
-
-    @staticmethod
-    def _route_checkpoints(cfg: Namespace, ckpt_dir: Path) -> None:
-        """ModelCheckpoints write into the run name's stable directory; last.ckpt belongs to RunCheckpoint."""
-        for cb in cfg.trainer.get("callbacks") or []:
-            if isinstance(cb, Namespace) and cb.class_path.endswith("ModelCheckpoint"):
-                args = cb.get("init_args") or Namespace()
-                if not args.get("dirpath"):
-                    args.dirpath = str(ckpt_dir)
-                args.save_last = False
-                cb.init_args = args
-
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         if self.subcommand is None:
@@ -272,11 +187,12 @@ class FarReIDCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """The trainer, with checkpoints written atomically unless the config brings its own CheckpointIO."""
-        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = config.get("trainer") or {}
+        plugins = trainer_config.get("plugins")
         plugins = list(plugins) if isinstance(plugins, list | tuple) else ([plugins] if plugins else [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = trainer_config.get("callbacks") or []
         if trainer_config.get("enable_progress_bar") is not False and not any(
             isinstance(cb, ProgressBar) for cb in callbacks
@@ -284,13 +200,10 @@ class FarReIDCLI(LightningCLI):
             trainer_config["callbacks"] = [*callbacks, default_progress_bar()]
         return super().instantiate_trainer(**kwargs)
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        lock = RunLock(self._lock_dir) if getattr(self, "_lock_dir", None) else None
-        try:
-            super()._run_subcommand(subcommand)
-        finally:
-            if lock is not None:
-                lock.release()
+    def before_fit(self) -> None:
+        """Lock the run name's directory for the fit; the lock goes with the fit's end, error or interruption."""
+        if self._lock_dir is not None:
+            self.trainer.callbacks.append(RunLockCallback(RunLock(self._lock_dir)))
 
 
 def _check_image_size(model: ReIDModule, datamodule: DetReIDXDataModule) -> None:
@@ -322,6 +235,7 @@ def main(args: list[str] | None = None, run: bool = True) -> FarReIDCLI:
     return FarReIDCLI(
         ReIDModule,
         DetReIDXDataModule,
+        trainer_class=FarReIDTrainer,
         args=args,
         run=run,
         save_config_callback=LoggedConfigCallback,

@@ -1,4 +1,7 @@
-"""Parameter groups and the learning-rate schedules: warm-up + cosine, and the baseline's warm-up + multi-step."""
+"""Parameter groups and the learning-rate schedules: warm-up + cosine, and the baseline's warm-up + multi-step.
+
+The schedules are LR-factor functions (``warmup_cosine``, ``warmup_multistep``) and the ``LambdaLR`` schedulers
+built on them that ``model.lr_scheduler`` chooses (``WarmupCosine``, ``WarmupMultiStep``)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -63,6 +68,22 @@ def param_groups(
         wd = 0.0 if bias_weight_decay is None else bias_weight_decay
         groups.append({"params": bias, "lr_mult": lr_mult * bias_lr_mult, "weight_decay": wd, "name": f"{tag}bias"})
     return groups
+
+
+def reid_param_groups(module: nn.Module) -> list[dict]:
+    """The groups of a :class:`~farreid.module.ReIDModule`: in stage 1 the text context; in stage 2 the pretrained
+    blocks that train at ``backbone_lr_mult`` and everything new (adapters, prompts, pooling, heads, objectives)
+    at 1x, each split by :func:`param_groups` with the module's bias and decay settings."""
+    h = module.hparams
+    bias = {key: h[key] for key in ("bias_lr_mult", "bias_weight_decay", "decay_vectors")}
+    if h.stage == 1:
+        return param_groups(module.text.named_parameters(prefix="text"), tag="text_", **bias)
+    new = list(module.backbone.new_parameters())
+    for prefix in ("pooling", "head_cls", "head_proj", "objectives"):  # objectives: e.g. a learned centre loss
+        new.extend(getattr(module, prefix).named_parameters(prefix=prefix))
+    return param_groups(
+        module.backbone.pretrained_trainable_parameters(), h.backbone_lr_mult, tag="backbone_", **bias
+    ) + param_groups(new, 1.0, tag="new_", **bias)
 
 
 def apply_lr_mult(optimizer) -> None:
@@ -122,3 +143,60 @@ def warmup_multistep(warmup_steps: int, milestones: Sequence[int], gamma: float 
         return warm * gamma ** bisect.bisect_right(milestones, step)
 
     return factor
+
+
+class WarmupCosine(LambdaLR):
+    """:func:`warmup_cosine` as a scheduler (``model.lr_scheduler``): linear warm-up, cosine to ``min_lr_ratio``.
+
+    Args:
+        optimizer: the optimizer (given by the module).
+        warmup_steps: warm-up length in scheduler steps (``model.lr_interval`` units).
+        min_lr_ratio: final LR as a fraction of the peak.
+        total_steps: the run's length in scheduler steps, or a function returning it (given by the module: the
+            trainer's estimated stepping batches, looked up lazily, or ``max_epochs``).
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup_steps: int = 500, min_lr_ratio: float = 0.01, total_steps=None):
+        if total_steps is None:
+            raise ValueError("WarmupCosine needs total_steps (the run's length; ReIDModule passes it)")
+        self.warmup_steps = warmup_steps
+        super().__init__(optimizer, warmup_cosine(warmup_steps, total_steps, min_lr_ratio))
+
+
+class WarmupMultiStep(LambdaLR):
+    """:func:`warmup_multistep` as a scheduler: the baseline's ``WarmupMultiStepLR`` (linear warm-up, step decay).
+
+    Args:
+        optimizer: the optimizer (given by the module).
+        warmup_steps: steps of linear warm-up (``WARMUP_ITERS``), in ``model.lr_interval`` units.
+        milestones: steps at which the LR is multiplied by ``gamma`` (``STEPS``).
+        gamma: decay factor (``GAMMA``).
+        warmup_factor: factor at step 0 (``WARMUP_FACTOR``).
+        total_steps: unused (the schedule does not depend on the run's length); accepted from the module.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int = 10,
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
+        warmup_factor: float = 0.1,
+        total_steps=None,
+    ):
+        self.warmup_steps = warmup_steps
+        super().__init__(optimizer, warmup_multistep(warmup_steps, milestones, gamma, warmup_factor))
+
+
+def schedule_summary(trainer, lr_interval: str) -> tuple[str, str | None]:
+    """A line saying how long a fit is (steps per epoch, optimizer steps, the warm-up's share), and a warning when
+    the warm-up is not shorter than the run (with ``lr_interval`` "epoch" the schedule counts epochs)."""
+    per_epoch, total = trainer.num_training_batches, int(trainer.estimated_stepping_batches)
+    warmup = getattr(trainer.lr_scheduler_configs[0].scheduler, "warmup_steps", 0)
+    unit, length = ("epochs", trainer.max_epochs) if lr_interval == "epoch" else ("steps", total)
+    info = (
+        f"[farreid] {per_epoch} steps per epoch, {total} optimizer steps in all; warm-up {warmup} {unit} "
+        f"({100 * warmup / max(length, 1):.0f}% of the run)"
+    )
+    warning = f"warm-up of {warmup} {unit} is not shorter than the run ({length} {unit}): LR never peaks"
+    return info, warning if warmup >= length else None

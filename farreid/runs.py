@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
@@ -243,5 +244,52 @@ class RunLock:
         self._file.flush()
 
     def release(self) -> None:
+        """Unlock (idempotent)."""
+        if self._file.closed:
+            return
         fcntl.flock(self._file, fcntl.LOCK_UN)
         self._file.close()
+
+
+class RunLockCallback(Callback):
+    """Holds a :class:`RunLock` for the life of a fit: released when the fit ends, fails or is interrupted."""
+
+    def __init__(self, lock: RunLock) -> None:
+        self.lock = lock
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.lock.release()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.lock.release()
+
+
+def route_loggers(cfg: Namespace, run_dir: Path) -> None:
+    """Every logger writes into the run directory, whatever its own versioning would pick."""
+    logger = cfg.trainer.get("logger")
+    if logger is True or logger is None:
+        cfg.trainer.logger = Namespace(
+            class_path="lightning.pytorch.loggers.CSVLogger",
+            init_args=Namespace(save_dir=str(run_dir), name="", version=""),
+        )
+        return
+    for item in logger if isinstance(logger, list) else [logger]:
+        if not isinstance(item, Namespace):
+            continue
+        args = item.get("init_args") or Namespace()
+        if item.class_path.endswith(("CSVLogger", "TensorBoardLogger")):
+            args.save_dir, args.name, args.version = str(run_dir), "", ""
+        else:
+            args.save_dir = str(run_dir)
+        item.init_args = args
+
+
+def route_checkpoints(cfg: Namespace, ckpt_dir: Path) -> None:
+    """ModelCheckpoints write into the run name's stable directory; last.ckpt belongs to RunCheckpoint."""
+    for cb in cfg.trainer.get("callbacks") or []:
+        if isinstance(cb, Namespace) and cb.class_path.endswith("ModelCheckpoint"):
+            args = cb.get("init_args") or Namespace()
+            if not args.get("dirpath"):
+                args.dirpath = str(ckpt_dir)
+            args.save_last = False
+            cb.init_args = args

@@ -76,6 +76,43 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def make_release(tmp_path_factory: pytest.TempPathFactory):
+    """Generated DetReIDX releases, one per argument set for the whole session: ``make_release(num_train_ids=...,
+    num_test_ids=..., seed=..., max_frames=..., ...)`` -> its root. Tests read them and never write into them."""
+    from farreid.data.synthetic import generate
+
+    made: dict[tuple, Path] = {}
+
+    def make(**kwargs) -> Path:
+        key = tuple(sorted(kwargs.items()))
+        if key not in made:
+            made[key] = generate(tmp_path_factory.mktemp("release"), **kwargs)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def small_release(make_release) -> str:
+    """12 training and 4 test identities, <= 6 frames per tracklet: the release most fit/resume/DDP tests share."""
+    return str(make_release(num_train_ids=12, num_test_ids=4, seed=3, max_frames=6))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_release, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """last.ckpt of a 2-step fit of the tiny recipe (no text stage) on a 6 + 3 identity release."""
+    from farreid.cli import main
+
+    release = make_release(num_train_ids=6, num_test_ids=3, seed=3, max_frames=6)
+    out = tmp_path_factory.mktemp("fit")
+    args = ["fit", *TINY_RUN, "--data.root", str(release), "--trainer.default_root_dir", str(out)]
+    main([*args, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0"])
+    found = sorted(out.rglob("last.ckpt"))
+    assert len(found) == 1, found
+    return str(found[0])
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _index_cache_in_a_temporary_dir(tmp_path_factory: pytest.TempPathFactory):
     """DetReIDX index caches (and any other user cache) go to a temporary directory, never the user's ~/.cache;

@@ -32,9 +32,8 @@ def _tiny(data_root: str, prompts: str, out) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("detreidx")
-    return str(generate(root, num_train_ids=10, num_test_ids=4, seed=0, max_frames=6))
+def data_root(make_release) -> str:
+    return str(make_release(num_train_ids=10, num_test_ids=4, seed=0, max_frames=6))
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +160,5 @@ def test_console_script_lists_the_subcommands():
     assert proc.returncode == 0, proc.stderr
     for subcommand in ("fit", "validate", "test", "predict"):
         assert subcommand in proc.stdout
+    listing = " ".join(proc.stdout.split())  # argparse wraps the one-line descriptions
+    assert "Score a checkpoint on the case folders" in listing and "Train the model (stage 1 or 2)" in listing

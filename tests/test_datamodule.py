@@ -16,15 +16,12 @@ from farreid.data.datamodule import DetReIDXDataModule
 from farreid.data.dataset import TooManyUnreadableError
 from farreid.data.detreidx import case_split
 from farreid.data.index_cache import cache_path
-from farreid.data.synthetic import generate
 from farreid.data.transforms import normalize_clip
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    return generate(
-        tmp_path_factory.mktemp("dm") / "data", seed=0, num_train_ids=6, num_test_ids=3, min_frames=3, max_frames=9
-    )
+def root(make_release) -> Path:
+    return make_release(seed=0, num_train_ids=6, num_test_ids=3, min_frames=3, max_frames=9)
 
 
 class Recorder(L.LightningModule):

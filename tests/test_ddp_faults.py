@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from farreid.data.synthetic import generate
 from tests.conftest import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +26,8 @@ TWO_RANKS = [
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    return str(generate(tmp_path_factory.mktemp("ddp"), num_train_ids=12, num_test_ids=4, seed=5, max_frames=6))
+def data_root(make_release) -> str:
+    return str(make_release(num_train_ids=12, num_test_ids=4, seed=5, max_frames=6))
 
 
 def _run(*args: str, cwd: Path, probe_dir: Path) -> subprocess.CompletedProcess:

@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader
 
 from farreid.cli import main
 from farreid.data.protocols import EvalSet
-from farreid.data.synthetic import generate
 from farreid.data.tracklets import Tracklet
 from farreid.evaluation.callback import ReIDEvaluator
 from farreid.evaluation.reporting import metadata_breakdowns
@@ -262,8 +261,8 @@ TINY_NO_TEXT = [
 
 
 @pytest.fixture(scope="module")
-def small_root(tmp_path_factory) -> str:
-    return str(generate(tmp_path_factory.mktemp("eval"), num_train_ids=10, num_test_ids=4, seed=2, max_frames=5))
+def small_root(make_release) -> str:
+    return str(make_release(num_train_ids=10, num_test_ids=4, seed=2, max_frames=5))
 
 
 def test_fast_dev_run_scores_the_batches_it_saw(small_root, tmp_path, capsys):

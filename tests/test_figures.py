@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from farreid.data.protocols import EvalSet, released_cases
-from farreid.data.synthetic import generate
 from farreid.evaluation import plots, reporting
 from farreid.evaluation.callback import ReIDEvaluator
 from farreid.evaluation.reporting import select_attention_tracklets, select_queries
@@ -39,8 +38,8 @@ def test_ties_and_tiny_sets():
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory) -> EvalSet:
-    root = generate(tmp_path_factory.mktemp("rel"), num_train_ids=4, num_test_ids=4, seed=5, max_frames=9)
+def cases(make_release) -> EvalSet:
+    root = make_release(num_train_ids=4, num_test_ids=4, seed=5, max_frames=9)
     return released_cases(str(root))
 
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from farreid.cli import configure_wandb_mode, main
-from farreid.data.synthetic import generate
 from farreid.runs import last_checkpoint
 from tests.conftest import TINY_RUN
 
@@ -27,8 +26,8 @@ BASE = [
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    return str(generate(tmp_path_factory.mktemp("ops"), num_train_ids=12, num_test_ids=4, seed=3, max_frames=6))
+def data_root(small_release) -> str:
+    return small_release
 
 
 def _farreid(*args: str, cwd: Path) -> subprocess.CompletedProcess:

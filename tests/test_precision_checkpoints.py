@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from farreid.checkpointing import canonical_key
 from farreid.losses import BatchHardTripletLoss, SupConLoss, pairwise_distance, scaled_logits
 from farreid.models.backbone import CLIPVisionBackbone
 from farreid.models.text import TextPromptLearner
-from farreid.module import ReIDModule, canonical_key
+from farreid.module import ReIDModule
 from tests.conftest import TINY_TEXT_CONFIG, TINY_VISION_CONFIG
 from tests.test_module import NUM_CLASSES, _batch, _module
 

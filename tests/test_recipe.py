@@ -1,6 +1,7 @@
 """The recipe: configs agree with docs/RECIPE.md and with the baseline's sources; losses, parameter groups and
 the schedule do what the baseline does (each against a reference written here)."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -10,12 +11,12 @@ import torch.nn.functional as F
 import yaml
 
 from farreid.cli import main
-from farreid.data.synthetic import generate
 from farreid.models.backbone import CLIPVisionBackbone
 from farreid.models.pooling import TemporalAttentionPooling
 from farreid.models.text import TextPromptLearner
 from farreid.module import ReIDModule
-from farreid.optim import warmup_cosine, warmup_multistep
+from farreid.objectives import IdentityLoss, ImageTextLoss, ImageTextSupCon, MidTripletLoss, TripletLoss
+from farreid.optim import WarmupCosine, warmup_cosine, warmup_multistep
 from tests.conftest import TINY_TEXT_CONFIG, TINY_VISION_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,12 +95,12 @@ PAPER_CHANGES = {
     "model.backbone.init_args.checkpoint_blocks",
     "model.pooling.class_path",
     "model.backbone_lr_mult",
-    "model.lr_schedule",
-    "model.warmup_steps",
-    "model.warmup_factor",
-    "model.lr_milestones",
-    "model.lr_gamma",
-    "model.min_lr_ratio",
+    "model.lr_scheduler.class_path",
+    "model.lr_scheduler.init_args.warmup_steps",
+    "model.lr_scheduler.init_args.warmup_factor",
+    "model.lr_scheduler.init_args.milestones",
+    "model.lr_scheduler.init_args.gamma",
+    "model.lr_scheduler.init_args.min_lr_ratio",
     "model.flip_tta",
     "data.color_jitter",
     "evaluator.rerank",
@@ -144,20 +145,20 @@ def test_every_value_names_its_source_or_reason(name):
 
 # (file, key, value there, farreid key): the organisers' vit_adapter.yml / defaults.py values the baseline uses.
 SOURCES = [
-    ("vit_adapter.yml", "MODEL.ID_LOSS_WEIGHT", 0.25, "model.id_weight"),
-    ("vit_adapter.yml", "MODEL.TRIPLET_LOSS_WEIGHT", 1.0, "model.triplet_weight"),
-    ("vit_adapter.yml", "MODEL.I2T_LOSS_WEIGHT", 1.0, "model.i2t_weight"),
-    ("vit_adapter.yml", "MODEL.I2T_WEIGHT", 1.0, "model.supcon_weight"),
+    ("vit_adapter.yml", "MODEL.ID_LOSS_WEIGHT", 0.25, "model.objectives.id.init_args.weight"),
+    ("vit_adapter.yml", "MODEL.TRIPLET_LOSS_WEIGHT", 1.0, "model.objectives.triplet.init_args.weight"),
+    ("vit_adapter.yml", "MODEL.I2T_LOSS_WEIGHT", 1.0, "model.objectives.i2t.init_args.weight"),
+    ("vit_adapter.yml", "MODEL.I2T_WEIGHT", 1.0, "model.objectives.supcon.init_args.weight"),
     ("vit_adapter.yml", "MODEL.PBP_PROMPT_DEEP", 9, "model.backbone.init_args.prompt_blocks"),
     ("vit_adapter.yml", "MODEL.PBP_PROMPT_LEN", 1, "model.backbone.init_args.prompt_tokens"),
     ("vit_adapter.yml", "SOLVER.STAGE2.BASE_LR", 1.0e-4, "model.optimizer.init_args.lr"),
     ("vit_adapter.yml", "SOLVER.STAGE2.WEIGHT_DECAY", 2.5e-4, "model.optimizer.init_args.weight_decay"),
     ("vit_adapter.yml", "SOLVER.STAGE2.BIAS_LR_FACTOR", 2, "model.bias_lr_mult"),
     ("vit_adapter.yml", "SOLVER.STAGE2.WEIGHT_DECAY_BIAS", 1.0e-4, "model.bias_weight_decay"),
-    ("vit_adapter.yml", "SOLVER.STAGE2.WARMUP_ITERS", 10, "model.warmup_steps"),
-    ("vit_adapter.yml", "SOLVER.STAGE2.WARMUP_FACTOR", 0.1, "model.warmup_factor"),
-    ("vit_adapter.yml", "SOLVER.STAGE2.STEPS", [60, 90], "model.lr_milestones"),
-    ("vit_adapter.yml", "SOLVER.STAGE2.GAMMA", 0.1, "model.lr_gamma"),
+    ("vit_adapter.yml", "SOLVER.STAGE2.WARMUP_ITERS", 10, "model.lr_scheduler.init_args.warmup_steps"),
+    ("vit_adapter.yml", "SOLVER.STAGE2.WARMUP_FACTOR", 0.1, "model.lr_scheduler.init_args.warmup_factor"),
+    ("vit_adapter.yml", "SOLVER.STAGE2.STEPS", [60, 90], "model.lr_scheduler.init_args.milestones"),
+    ("vit_adapter.yml", "SOLVER.STAGE2.GAMMA", 0.1, "model.lr_scheduler.init_args.gamma"),
     ("vit_adapter.yml", "SOLVER.STAGE2.MAX_EPOCHS", 5, "trainer.max_epochs"),
     ("vit_adapter.yml", "SOLVER.STAGE2.LOG_PERIOD", 50, "trainer.log_every_n_steps"),
     ("vit_adapter.yml", "DATALOADER.SEQ_LEN", 16, "data.num_frames"),
@@ -189,11 +190,38 @@ def test_stage1_overlay_values():
     assert stage1["trainer.max_epochs"] == 5  # vit_adapter.yml: SOLVER.STAGE1.MAX_EPOCHS
     assert stage1["model.optimizer.init_args.lr"] == 3.5e-4  # SOLVER.STAGE1.BASE_LR
     assert stage1["model.optimizer.init_args.weight_decay"] == 1.0e-4  # SOLVER.STAGE1.WEIGHT_DECAY
-    assert stage1["model.min_lr_ratio"] == pytest.approx(1e-6 / 3.5e-4, rel=1e-3)  # LR_MIN / BASE_LR
+    assert stage1["model.lr_scheduler.init_args.min_lr_ratio"] == pytest.approx(
+        1e-6 / 3.5e-4, rel=1e-3
+    )  # LR_MIN / BASE_LR
 
 
 # ------------------------------------------------------------------------------------------------ losses
+LOGIT_SCALE = 100.0
+
+
+def _objectives(
+    id_weight=1.0,
+    triplet_weight=1.0,
+    mid_triplet_weight=0.5,
+    i2t_weight=1.0,
+    supcon_weight=0.0,
+    label_smoothing=0.1,
+    image_text_logits="cosine",
+) -> dict:
+    """The stage-2 terms with these weights (the recipe's objectives, built in Python)."""
+    image_text = {"logits": image_text_logits, "logit_scale": LOGIT_SCALE}
+    return {
+        "id": IdentityLoss(id_weight, label_smoothing),
+        "triplet": TripletLoss(triplet_weight),
+        "mid_triplet": MidTripletLoss(mid_triplet_weight),
+        "i2t": ImageTextLoss(i2t_weight, label_smoothing, **image_text),
+        "supcon": ImageTextSupCon(supcon_weight, **image_text),
+    }
+
+
 def _module(**kwargs) -> ReIDModule:
+    loss_keys = ("id_weight", "triplet_weight", "mid_triplet_weight", "i2t_weight", "supcon_weight")
+    terms = {k: kwargs.pop(k) for k in (*loss_keys, "label_smoothing", "image_text_logits") if k in kwargs}
     torch.manual_seed(0)
     backbone = CLIPVisionBackbone(
         config=TINY_VISION_CONFIG,
@@ -207,7 +235,8 @@ def _module(**kwargs) -> ReIDModule:
         pooling=TemporalAttentionPooling,
         num_classes=NUM_CLASSES,
         text=lambda n: TextPromptLearner(n, config=TINY_TEXT_CONFIG, n_ctx=2),
-        warmup_steps=0,
+        objectives=_objectives(**terms),
+        lr_scheduler=functools.partial(WarmupCosine, warmup_steps=0),
         **kwargs,
     )
     module.text_bank = 3.0 * torch.randn(NUM_CLASSES, backbone.proj_dim, generator=torch.Generator().manual_seed(5))
@@ -257,7 +286,7 @@ def test_stage2_losses_match_references(image_text_logits):
     module = _module(image_text_logits=image_text_logits, supcon_weight=1.3, label_smoothing=0.1, **weights)
     batch = _batch()
     labels = batch["label"]
-    losses = module._stage2_losses(batch, labels)
+    losses = module.losses(batch)
     with torch.no_grad():
         out = module(batch["frames"], batch["camid"], batch["mask"])
         logits_cls, logits_proj = module.head_cls(out["cls"])[1], module.head_proj(out["proj"])[1]
@@ -268,7 +297,7 @@ def test_stage2_losses_match_references(image_text_logits):
         }
         image, bank, scale = out["proj"], module.text_bank, 1.0
         if image_text_logits == "cosine":
-            image, bank, scale = F.normalize(image, dim=1), F.normalize(bank, dim=1), module.hparams.logit_scale
+            image, bank, scale = F.normalize(image, dim=1), F.normalize(bank, dim=1), LOGIT_SCALE
         expected["i2t"] = 0.9 * smoothed_ce(scale * image @ bank.T, labels, 0.1)
         text = bank[labels]
         expected["supcon"] = 1.3 * (
@@ -288,11 +317,11 @@ def test_the_identity_loss_reads_the_bn_features_and_the_triplet_the_raw_ones():
         module.head_cls.classifier.weight.normal_()
         module.head_proj.classifier.weight.normal_()
     batch = _batch()
-    before = {k: v.detach() for k, v in module._stage2_losses(batch, batch["label"]).items()}
+    before = {k: v.detach() for k, v in module.losses(batch).items()}
     with torch.no_grad():
         module.head_cls.bn.weight.mul_(3.0)
         module.head_proj.bn.weight.mul_(3.0)
-    after = {k: v.detach() for k, v in module._stage2_losses(batch, batch["label"]).items()}
+    after = {k: v.detach() for k, v in module.losses(batch).items()}
     assert not torch.allclose(before["id"], after["id"])
     for key in ("triplet", "mid_triplet", "i2t", "supcon"):
         torch.testing.assert_close(before[key], after[key], msg=key)
@@ -347,8 +376,8 @@ def test_cosine_without_warmup_is_cosine_annealing():
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    return str(generate(tmp_path_factory.mktemp("recipe"), num_train_ids=10, num_test_ids=4, seed=0, max_frames=6))
+def data_root(make_release) -> str:
+    return str(make_release(num_train_ids=10, num_test_ids=4, seed=0, max_frames=6))
 
 
 def test_baseline_schedule_steps_once_per_epoch_in_a_real_fit(data_root, tmp_path):

@@ -18,7 +18,6 @@ import torch
 
 import farreid.runs
 from farreid.cli import main
-from farreid.data.synthetic import generate
 from farreid.runs import RunLock, last_checkpoint
 from tests.conftest import TINY_RUN
 
@@ -29,8 +28,8 @@ TINY = [*TINY_RUN, "--evaluator.rerank", "false", "--trainer.check_val_every_n_e
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    return str(generate(tmp_path_factory.mktemp("runs-data"), num_train_ids=12, num_test_ids=4, seed=3, max_frames=6))
+def data_root(small_release) -> str:
+    return small_release
 
 
 def run_farreid(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

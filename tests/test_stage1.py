@@ -1,5 +1,6 @@
 """Stage 1 on cached image features: same losses as the online path, no frame decoded, stage 2 reads the prompts."""
 
+import functools
 from pathlib import Path
 
 import lightning as L
@@ -8,12 +9,15 @@ import torch
 
 from farreid.cli import main
 from farreid.data.datamodule import DetReIDXDataModule
-from farreid.data.synthetic import generate
 from farreid.data.transforms import normalize_clip
 from farreid.models.backbone import CLIPVisionBackbone
 from farreid.models.text import TextPromptLearner
 from farreid.module import ReIDModule
+from farreid.optim import WarmupCosine
+from farreid.text_stage import cache_image_features
 from tests.conftest import TINY_TEXT_CONFIG, TINY_VISION_CONFIG
+
+NO_WARMUP = functools.partial(WarmupCosine, warmup_steps=0)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["--config", str(CONFIGS / "vitl14.yaml"), "--config", str(CONFIGS / "tiny.yaml")]
@@ -21,8 +25,8 @@ FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--tr
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    return str(generate(tmp_path_factory.mktemp("detreidx"), num_train_ids=6, num_test_ids=3, seed=1, max_frames=6))
+def data_root(make_release) -> str:
+    return str(make_release(num_train_ids=6, num_test_ids=3, seed=1, max_frames=6))
 
 
 def _datamodule(root: str) -> DetReIDXDataModule:
@@ -47,16 +51,16 @@ def test_cached_losses_equal_online_losses_on_the_same_clips(data_root):
     dm = _datamodule(data_root)
     model = _stage1_module(dm.num_classes)
     clips = dm.cached_feature_loader()
-    bank = model.cache_image_features(clips)
+    bank = cache_image_features(model, clips)
     assert bank.shape == (len(dm.train_set), model.backbone.proj_dim)
     torch.testing.assert_close(bank.norm(dim=1), torch.ones(len(bank)))
     model.eval()  # the cache is computed in eval mode: compare the online path in the same mode
     for batch in clips:
         batch["frames"] = normalize_clip(batch["frames"])  # as on_after_batch_transfer does for the online path
         labels = torch.as_tensor(batch["label"])
-        online = model._stage1_losses(batch, labels)
+        online = model.losses({**batch, "label": labels})
         model.image_bank = bank
-        cached = model._stage1_losses({"index": batch["index"], "label": labels}, labels)
+        cached = model.losses({"index": batch["index"], "label": labels})
         model.image_bank = torch.empty(0)
         assert online.keys() == cached.keys() == {"i2t_supcon", "t2i_supcon"}
         for key in online:
@@ -84,7 +88,9 @@ class _BatchKeys(L.Callback):
 @pytest.mark.parametrize("mode", ["cached", "online"])
 def test_real_trainer_stage1_trains_prompts_without_decoding(data_root, tmp_path, mode):
     dm = _datamodule(data_root)
-    model = _stage1_module(dm.num_classes, stage1_features=mode, text_prompts=str(tmp_path / "p.pt"), warmup_steps=0)
+    model = _stage1_module(
+        dm.num_classes, stage1_features=mode, text_prompts=str(tmp_path / "p.pt"), lr_scheduler=NO_WARMUP
+    )
     before = model.text.context.detach().clone()
     seen = _BatchKeys()
     trainer = L.Trainer(
@@ -153,9 +159,12 @@ def test_stage1_cached_by_default_through_the_cli_and_stage2_reads_it(data_root,
     assert stage2.model.text_bank.shape == (stage2.model.hparams.num_classes, stage2.model.text.proj_dim)
 
 
-def test_unknown_stage1_features_is_rejected():
-    with pytest.raises(ValueError, match="stage1_features"):
-        _stage1_module(3, stage1_features="disk")
+def test_unknown_stage1_features_is_a_usage_error_naming_the_key(data_root, capsys):
+    from farreid.cli import console
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert console(["fit", "--config", str(demo), "--data.root", data_root, "--model.stage1_features", "disk"]) == 2
+    assert "model.stage1_features" in capsys.readouterr().err
 
 
 def test_label_view_takes_the_samplers_seeded_keys(data_root):

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from farreid.cli import main as cli_main
 from farreid.data.index_cache import read_split
-from farreid.data.synthetic import generate
 from farreid.module import ReIDModule
 from farreid.tools import embed, export
 
@@ -21,22 +19,13 @@ QUERY = "case1_aerial_to_ground/query"
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("release"), num_train_ids=6, num_test_ids=3, seed=3, max_frames=6)
+def release(make_release) -> Path:
+    return make_release(num_train_ids=6, num_test_ids=3, seed=3, max_frames=6)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(release, tmp_path_factory) -> str:
-    """last.ckpt of a 2-step fit of the tiny recipe (no text stage)."""
-    out = tmp_path_factory.mktemp("fit")
-    args = ["fit", "--config", str(CONFIGS / "vitl14.yaml"), "--config", str(CONFIGS / "tiny.yaml")]
-    args += ["--data.root", str(release), "--model.text", "null", "--trainer.default_root_dir", str(out)]
-    args += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0"]
-    args += ["--trainer.enable_progress_bar", "false"]
-    cli_main(args)
-    found = sorted(out.rglob("last.ckpt"))
-    assert len(found) == 1, found
-    return str(found[0])
+def checkpoint(tiny_checkpoint) -> str:
+    return tiny_checkpoint
 
 
 def _read_csv(path: Path) -> list[dict]:

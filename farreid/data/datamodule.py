@@ -21,8 +21,7 @@ from farreid.data.loaders import compute_threads, eval_loader, select_rows, trai
 from farreid.data.protocols import EvalSet, split_identities
 from farreid.data.tracklets import Tracklet
 from farreid.data.transforms import TrackletTransform, normalize_clip
-
-ROOT_ENV = "FARREID_DATA"
+from farreid.paths import DATA_ENV, from_env
 
 
 class DetReIDXDataModule(L.LightningDataModule):
@@ -95,9 +94,9 @@ class DetReIDXDataModule(L.LightningDataModule):
         dataset_options: dict | None = None,
     ) -> None:
         super().__init__()
-        root = root or os.environ.get(ROOT_ENV)
+        root = from_env(root, DATA_ENV)
         if not root:
-            raise ValueError(f"data.root is not set: pass --data.root PATH or set {ROOT_ENV}=PATH")
+            raise ValueError(f"data.root is not set: pass --data.root PATH or set {DATA_ENV}=PATH")
         for name, value in (("num_frames", num_frames), ("num_frames_test", num_frames_test), ("p", p), ("k", k)):
             if value is not None and value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")

@@ -12,8 +12,6 @@ Gates and adapter up projections start at zero, so a fresh model reproduces CLIP
 reads LN1(x) rather than the raw residual stream, whose scale grows with depth, like the attention it parallels.
 """
 
-import json
-import os
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -22,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from farreid.models import CLIP_ENV
+from farreid.models import clip_dir
 from farreid.models.adapters import CrossFrameAdapter, IntraFrameAdapter
 from farreid.models.prompts import CameraPrompts, ZeroGatedPromptAttention
 
@@ -49,34 +47,15 @@ def load_clip_vision(pretrained: str | None, config: dict | None) -> tuple[CLIPV
     Returns:
         The tower and whether its visual projection was created randomly (absent from the directory).
     """
-    if (pretrained is None) == (config is None):
-        raise ValueError(
-            f"CLIPVisionBackbone needs exactly one of pretrained=, config=; got {pretrained=}, {config=} "
-            f"(pass --model.backbone.init_args.pretrained PATH or set {CLIP_ENV}=PATH)"
-        )
+    pretrained, config = clip_dir.source(pretrained, config, "model.backbone.init_args")
     if config is not None:
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**config)), False
     path = Path(pretrained).expanduser()
-    if not (path / "config.json").is_file():
-        problem = "it does not exist" if not path.is_dir() else "it has no config.json"
-        raise FileNotFoundError(f"pretrained={str(path)!r}: expected {_EXPECTED_DIR}, but {problem}")
-    # A CLIPModel directory's vision_config.projection_dim may disagree with the top-level projection_dim that
-    # CLIPModel builds its visual_projection from (and that the saved weight has): use the top-level value.
-    overrides = {}
     try:
-        if json.loads((path / "config.json").read_text()).get("model_type") == "clip":
-            full = CLIPConfig.from_pretrained(path, local_files_only=True)
-            overrides["config"] = full.vision_config
-            overrides["config"].projection_dim = full.projection_dim
-        tower, info = CLIPVisionModelWithProjection.from_pretrained(
-            path,
-            **overrides,
-            attn_implementation="sdpa",
-            local_files_only=True,
-            output_loading_info=True,
-            dtype=torch.get_default_dtype(),
-        )
+        tower, info = clip_dir.load_tower(CLIPVisionModelWithProjection, path, clip_dir.tower_config(path, "vision"))
     except (OSError, ValueError, KeyError, TypeError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
         raise ValueError(
             f"pretrained={str(path)!r}: could not load a CLIP vision tower, expected {_EXPECTED_DIR}"
         ) from err
@@ -198,8 +177,7 @@ class CLIPVisionBackbone(nn.Module):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        if pretrained is None and config is None:  # machine paths come from the environment, not the YAML
-            pretrained = os.environ.get(CLIP_ENV)
+        pretrained, config = clip_dir.source(pretrained, config, "model.backbone.init_args")
         tower, projection_is_new = load_clip_vision(pretrained, config)
         vision = tower.vision_model
         layers = vision.encoder.layers

@@ -7,16 +7,14 @@ throughout; its HF modules (embeddings, encoder, final layer norm, projection) a
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
 
-from farreid.models import CLIP_ENV
+from farreid.models import clip_dir
 
 PLACEHOLDER = "X"
 # Either file set loads a CLIPTokenizer: the fast tokenizer's JSON or the BPE vocabulary and merges.
@@ -42,26 +40,7 @@ def load_text_tower(pretrained: str) -> CLIPTextModelWithProjection:
         ValueError: unknown `model_type`, or text-tower weights missing / of the wrong shape in the checkpoint.
     """
     path = Path(pretrained)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"pretrained={pretrained!r}: expected a directory with config.json, found none")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type == "clip":
-        full = CLIPConfig.from_pretrained(path, local_files_only=True)
-        config = full.text_config
-        config.projection_dim = full.projection_dim
-    elif model_type == "clip_text_model":
-        config = CLIPTextConfig.from_pretrained(path, local_files_only=True)
-    else:
-        raise ValueError(f"{config_file}: model_type {model_type!r}, expected 'clip' or 'clip_text_model'")
-    model, info = CLIPTextTower.from_pretrained(
-        path,
-        config=config,
-        local_files_only=True,
-        output_loading_info=True,
-        attn_implementation="sdpa",
-        dtype=torch.get_default_dtype(),
-    )
+    model, info = clip_dir.load_tower(CLIPTextTower, path, clip_dir.tower_config(path, "text"))
     missing = sorted(info.get("missing_keys", []))
     mismatched = list(info.get("mismatched_keys", []))
     if missing or mismatched:
@@ -172,10 +151,7 @@ class TextPromptLearner(nn.Module):
         template: str = "A photo of a {} person.",
     ) -> None:
         super().__init__()
-        if pretrained is None and config is None:
-            pretrained = os.environ.get(CLIP_ENV)
-        if (pretrained is None) == (config is None):
-            raise ValueError(f"give exactly one of pretrained={pretrained!r} and config={config!r}")
+        pretrained, config = clip_dir.source(pretrained, config, "model.text.init_args")
         if num_classes < 1 or n_ctx < 1:
             raise ValueError(f"num_classes={num_classes} and n_ctx={n_ctx}: expected both >= 1")
         tokenizer = None
