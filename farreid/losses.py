@@ -11,6 +11,7 @@ training (mining is masked arithmetic), except SupCon's input check on CPU tenso
 """
 
 from contextlib import AbstractContextManager
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,7 @@ class BatchHardTripletLoss(nn.Module):
         metric: "cosine" (1 - cosine similarity) or "euclidean".
     """
 
-    def __init__(self, margin: float = 0.3, metric: str = "cosine") -> None:
+    def __init__(self, margin: float = 0.3, metric: Literal["cosine", "euclidean"] = "cosine") -> None:
         super().__init__()
         if metric not in ("cosine", "euclidean"):
             raise ValueError(f"BatchHardTripletLoss.metric must be 'cosine' or 'euclidean', got {metric!r}")

@@ -13,6 +13,7 @@ device (each DDP rank's own GPU), never a hard-coded GPU 0.
 import functools
 import warnings
 from types import ModuleType
+from typing import Literal
 
 import numpy as np
 import torch
@@ -115,7 +116,7 @@ def topk(
     query: np.ndarray | torch.Tensor,
     gallery: np.ndarray | torch.Tensor,
     k: int,
-    metric: str = "ip",
+    metric: Literal["ip", "l2"] = "ip",
     use_faiss: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best gallery items of every query, exact.
