@@ -14,27 +14,9 @@ import time
 import torch
 
 from farreid.models.backbone import CLIPVisionBackbone
+from farreid.models.clip_dir import ARCHITECTURES
 
-SHAPES: dict[str, dict] = {
-    "vitb16": {
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "intermediate_size": 3072,
-        "patch_size": 16,
-        "image_size": 224,
-        "projection_dim": 512,
-    },
-    "vitl14": {
-        "hidden_size": 1024,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "intermediate_size": 4096,
-        "patch_size": 14,
-        "image_size": 224,
-        "projection_dim": 768,
-    },
-}
+SHAPES: dict[str, dict] = {"vitb16": ARCHITECTURES["vit-b-16"]["vision"], "vitl14": ARCHITECTURES["vit-l-14"]["vision"]}
 PAPER = {"trainable_blocks": 2, "adapter_dim": 256, "prompt_blocks": 9, "prompt_tokens": 4, "mid_block": -4}
 PLAIN = {**PAPER, "adapter_dim": 0, "prompt_blocks": 0}
 

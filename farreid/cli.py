@@ -53,7 +53,7 @@ def _given_on_command_line(args: list[str], key: str) -> bool:
     return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in args)
 
 
-def _get(cfg: Namespace, key: str):
+def config_value(cfg: Namespace, key: str):
     try:
         return cfg[key]
     except (KeyError, TypeError):
@@ -62,6 +62,8 @@ def _get(cfg: Namespace, key: str):
 
 class FarReIDCLI(LightningCLI):
     """LightningCLI with farreid's links, run directories, path precedence and the always-on evaluator."""
+
+    run_kind: str | None = None  # the run directory's name when it is not the subcommand's (``farreid preflight``)
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("auto_configure_optimizers", False)  # model.optimizer is the only optimizer
@@ -98,13 +100,13 @@ class FarReIDCLI(LightningCLI):
             return
         cfg = config[subcommand]
         for key, env in PATH_KEYS.items():
-            value, from_env = _get(cfg, key), os.environ.get(env)
+            value, from_env = config_value(cfg, key), os.environ.get(env)
             if not from_env or _given_on_command_line(self._argv, key) or value == from_env:
                 continue
             parent = key.rsplit(".", 1)[0]
-            if parent != "data" and _get(cfg, parent) is None:
+            if parent != "data" and config_value(cfg, parent) is None:
                 continue  # e.g. model.text is null: nothing to fill
-            if key != "data.root" and value is None and _get(cfg, parent + ".config") is not None:
+            if key != "data.root" and value is None and config_value(cfg, parent + ".config") is not None:
                 continue  # a random tower built from a config dict, not a pretrained directory
             cfg[key] = from_env
             if announce and value is not None and is_launcher_process():
@@ -117,9 +119,9 @@ class FarReIDCLI(LightningCLI):
             return
         cfg = self.config[subcommand]
         base = Path(cfg.trainer.default_root_dir or "runs/farreid").absolute()
-        stage1 = _get(cfg, "model.stage") == 1
+        stage1 = config_value(cfg, "model.stage") == 1
         root = base / "stage1" if stage1 else base
-        if _get(cfg, "model.text") is not None and not _get(cfg, "model.text_prompts"):
+        if config_value(cfg, "model.text") is not None and not config_value(cfg, "model.text_prompts"):
             cfg.model.text_prompts = str(base / "stage1" / "text_prompts.pt")
         ckpt_dir = root / "checkpoints"
         self._resolve_ckpt_path(cfg, subcommand, ckpt_dir)
@@ -127,8 +129,8 @@ class FarReIDCLI(LightningCLI):
             self._classifier_from_checkpoint(cfg)
         if subcommand in ("validate", "test") and not _given_on_command_line(self._argv, "verbose"):
             cfg.verbose = False  # the evaluator prints farreid's table; no second Lightning one
-        self._lock_dir = root if subcommand == "fit" and is_launcher_process() else None
-        run_dir = new_run_dir(root, subcommand)
+        self._lock_dir = root if subcommand == "fit" and self.run_kind is None and is_launcher_process() else None
+        run_dir = new_run_dir(root, self.run_kind or subcommand)
         cfg.trainer.default_root_dir = str(run_dir)
         cfg.checkpointing.dirpath = str(ckpt_dir)
         route_loggers(cfg, run_dir)
@@ -207,24 +209,46 @@ class FarReIDCLI(LightningCLI):
 
 
 def _check_image_size(model: ReIDModule, datamodule: DetReIDXDataModule) -> None:
-    patch_embedding = getattr(getattr(model.backbone, "embeddings", None), "patch_embedding", None)
-    patch = patch_embedding.kernel_size[0] if isinstance(patch_embedding, torch.nn.Conv2d) else None
-    height, width = datamodule.hparams.image_size
-    if patch and (height % patch or width % patch or height < patch or width < patch):
-        raise ValueError(
-            f"data.image_size {[height, width]} must be a positive multiple of the backbone's patch size {patch} "
-            f"in both dimensions (e.g. {[max(patch, height // patch * patch), max(patch, width // patch * patch)]})"
+    """Refuse frames smaller than a patch; say once how a size that is not a multiple of the patch is seen."""
+    backbone, (height, width) = model.backbone, datamodule.hparams.image_size
+    if not hasattr(backbone, "patch_grid"):
+        return
+    try:
+        rows, columns = backbone.patch_grid(height, width)
+    except ValueError as err:
+        raise ValueError(f"data.image_size {[height, width]}: {err}") from None
+    patch = backbone.patch_size
+    if (height % patch or width % patch) and is_launcher_process():
+        print(
+            f"[farreid] data.image_size {[height, width]} with {patch}-pixel patches: the backbone sees the top-left "
+            f"{rows * patch}x{columns * patch} pixels ({rows}x{columns} patches; {height % patch} rows and "
+            f"{width % patch} columns cropped), its position table interpolated to that grid"
         )
 
 
 TOOLS = {
+    "preflight": "farreid.tools.preflight",  # a few real steps of a fit: memory, speed, projected run time
     "embed": "farreid.tools.embed",  # one L2-normalised embedding + metadata per tracklet of any folder
     "export": "farreid.tools.export",  # the embedding model to ONNX
 }
 DESCRIPTION = (
-    "farreid: extreme far-distance aerial-ground video person ReID. Also: `farreid embed CHECKPOINT FOLDER --out DIR` "
+    "farreid: extreme far-distance aerial-ground video person ReID. Also: `farreid preflight --config C` (a few real "
+    "steps: memory, speed, run time), `farreid embed CHECKPOINT FOLDER --out DIR` "
     "(embeddings of any tracklet folder) and `farreid export CHECKPOINT --out MODEL.onnx`; each has --help."
 )
+
+
+def cli_kwargs() -> dict:
+    """What :class:`FarReIDCLI` is built with besides ``args`` and ``run`` (the module, datamodule, trainer...)."""
+    return {
+        "model_class": ReIDModule,
+        "datamodule_class": DetReIDXDataModule,
+        "trainer_class": FarReIDTrainer,
+        "save_config_callback": LoggedConfigCallback,
+        "save_config_kwargs": {"overwrite": True},
+        "trainer_defaults": {"use_distributed_sampler": False},
+        "parser_kwargs": {"description": DESCRIPTION},
+    }
 
 
 def main(args: list[str] | None = None, run: bool = True) -> FarReIDCLI:
@@ -232,17 +256,7 @@ def main(args: list[str] | None = None, run: bool = True) -> FarReIDCLI:
     configure_wandb_mode()
     quiet_known_messages()
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended", category=UserWarning)
-    return FarReIDCLI(
-        ReIDModule,
-        DetReIDXDataModule,
-        trainer_class=FarReIDTrainer,
-        args=args,
-        run=run,
-        save_config_callback=LoggedConfigCallback,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"use_distributed_sampler": False},
-        parser_kwargs={"description": DESCRIPTION},
-    )
+    return FarReIDCLI(args=args, run=run, **cli_kwargs())
 
 
 def console(argv: list[str] | None = None) -> int:
@@ -254,8 +268,13 @@ def console(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
         return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+    return guarded(lambda: main(argv))
+
+
+def guarded(run) -> int:
+    """``run()`` with the console script's exit statuses and one-line errors (see :func:`console`)."""
     try:
-        main(argv)
+        run()
     except SystemExit as err:
         return err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
     except Preempted as err:

@@ -288,3 +288,34 @@ def test_compiled_blocks_match_eager(tiny_clip_dir):
     for a, b in zip(expected, got, strict=True):
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_sides_not_multiples_of_the_patch_are_cropped_top_left():
+    """30x20 frames with 8-pixel patches are seen as their top-left 24x16 pixels: the same output as that crop."""
+    torch.manual_seed(0)
+    backbone = CLIPVisionBackbone(config=TINY_VISION_CONFIG, adapter_dim=8, prompt_blocks=1).eval()
+    frames, camids = clip_input(height=30, width=20)
+    assert backbone.patch_grid(30, 20) == (3, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(frames, camids), backbone(frames[..., :24, :16], camids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at least the patch size 8"):
+        backbone.patch_grid(7, 16)
+
+
+def test_patch_14_at_256x128_is_an_18x9_grid_with_interpolated_positions():
+    """The recipe's 256x128 input with a 14-pixel patch (ViT-L/14): 18 x 9 patches + CLS, positions interpolated
+    from the pretrained square grid (here 4 x 4 at 56 pixels)."""
+    torch.manual_seed(0)
+    config = {**TINY_VISION_CONFIG, "patch_size": 14, "image_size": 56}
+    backbone = CLIPVisionBackbone(config=config, adapter_dim=8, prompt_blocks=1).eval()
+    assert backbone.patch_grid(256, 128) == (18, 9)
+    tokens = torch.zeros(1, 1 + 18 * 9, TINY_VISION_CONFIG["hidden_size"])
+    positions = backbone._position_embedding(tokens, 252, 126)
+    assert positions.shape == (1, 163, TINY_VISION_CONFIG["hidden_size"])
+    table = backbone.embeddings.position_embedding.weight
+    torch.testing.assert_close(positions[0, 0], table[0])  # the CLS position is kept, the grid interpolated
+    frames, camids = clip_input(height=256, width=128)
+    with torch.no_grad():
+        out = backbone.forward_features(frames, camids)
+        cropped = backbone.forward_features(frames[..., :252, :126], camids)
+    torch.testing.assert_close(out.cls, cropped.cls, rtol=0, atol=0)

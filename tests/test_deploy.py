@@ -52,11 +52,39 @@ def test_sbatch_log_folders_exist_in_a_fresh_clone():
 
 def test_sbatch_srun_gets_its_cpus_and_dies_with_a_failed_rank():
     text = SBATCH.read_text()
-    srun = [line for line in text.splitlines() if line.lstrip().startswith("srun ")]
-    assert len(srun) == 1 and "--kill-on-bad-exit=1" in srun[0].split() and "farreid fit" in srun[0]
+    srun = [line for line in text.splitlines() if line.lstrip().startswith("srun ") and "farreid fit" in line]
+    assert len(srun) == 1 and "--kill-on-bad-exit=1" in srun[0].split()
     exports = re.findall(r"^export SRUN_CPUS_PER_TASK=(\S+)", text, flags=re.M)
     assert exports and "SLURM_CPUS_PER_TASK" in exports[0]
     assert text.index("export SRUN_CPUS_PER_TASK") < text.index(srun[0])
+
+
+def _run_sbatch(tmp_path: Path, preflight_status: int, **env) -> list[str]:
+    """Run fit.sbatch with stand-ins for srun and farreid that record their arguments; returns the calls."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "farreid").write_text(
+        f'#!/usr/bin/env bash\necho "farreid $*" >> {log}\n[[ "$1" == preflight ]] && exit {preflight_status}\nexit 0\n'
+    )
+    for tool in ("srun", "farreid"):
+        (bin_dir / tool).chmod(0o755)
+    slurm = {"SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NAME": "t", "SLURM_JOB_ID": "1"}
+    full = {**os.environ, **slurm, "FARREID_DATA": "/data", "FARREID_CLIP": "/clip", **env}
+    full["PATH"] = f"{bin_dir}:{full['PATH']}"
+    done = subprocess.run(["bash", str(SBATCH)], cwd=REPO, env=full, capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines() if log.exists() else []
+    return [done.returncode, *calls]
+
+
+def test_sbatch_runs_preflight_first_only_when_asked_and_stops_when_it_fails(tmp_path):
+    status, *calls = _run_sbatch(tmp_path / "off", 0)
+    assert status == 0 and len(calls) == 1 and calls[0].startswith("farreid fit --config configs/vitl14.yaml")
+    status, *calls = _run_sbatch(tmp_path / "on", 0, PREFLIGHT="1")
+    assert status == 0 and [c.split()[1] for c in calls] == ["preflight", "fit"]
+    assert "--trainer.devices 1" in calls[0] and "--config configs/vitl14.yaml" in calls[0]
+    status, *calls = _run_sbatch(tmp_path / "oom", 3, PREFLIGHT="1")
+    assert status == 3 and [c.split()[1] for c in calls] == ["preflight"]  # no fit after a failed preflight
 
 
 # faiss-gpu wheel -> (lowest, first excluded) CUDA 12 runtime it accepts, from the wheel's requirements

@@ -255,8 +255,11 @@ def test_committed_configs_hold_no_machine_paths():
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        (["--data.image_size", "[30, 16]"], r"image_size \[30, 16\] must be a positive multiple of .* patch size 8"),
-        (["--data.image_size", "[4, 16]"], r"image_size \[4, 16\] must be a positive multiple"),
+        (
+            ["--data.image_size", "[4, 16]"],
+            r"image_size \[4, 16\]: frames of 4x16 pixels: both sides must be at least "
+            r"the patch size 8",
+        ),
         (["--data.num_frames_test", "0"], r"data.num_frames_test must be >= 1, got 0"),
         (["--data.num_frames", "0"], r"data.num_frames must be >= 1, got 0"),
     ],

@@ -264,11 +264,31 @@ class CLIPVisionBackbone(nn.Module):
                 self._pos_cache = {key: self.embeddings.interpolate_pos_encoding(tokens, height, width)}
         return self._pos_cache[key]
 
+    @property
+    def patch_size(self) -> int:
+        return self.embeddings.patch_embedding.kernel_size[0]
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of patches the tower sees in a height x width frame: whole patches only.
+
+        A frame whose sides are not multiples of the patch size is cropped to whole patches from the top-left
+        corner, as the strided patch convolution of the CLIP-ReID code lineage does: 256x128 with 14-pixel patches
+        is seen as 252x126, an 18x9 grid (the last 4 rows and 2 columns are not seen), and the pretrained
+        position table is interpolated to that grid.
+
+        Raises:
+            ValueError: a side shorter than one patch.
+        """
+        patch = self.patch_size
+        if height < patch or width < patch:
+            raise ValueError(f"frames of {height}x{width} pixels: both sides must be at least the patch size {patch}")
+        return height // patch, width // patch
+
     def forward_features(self, frames: torch.Tensor, camids: torch.Tensor) -> BackboneOutput:
         """Encode every frame of a batch of clips.
 
         Args:
-            frames: (B, T, 3, H, W) normalised pixels; H and W multiples of the patch size.
+            frames: (B, T, 3, H, W) normalised pixels; cropped to whole patches (see :meth:`patch_grid`).
             camids: (B,) integer camera ids in [0, num_cameras).
 
         Returns:
@@ -279,6 +299,9 @@ class CLIPVisionBackbone(nn.Module):
         batch, num_frames, _, height, width = frames.shape
         if camids.shape != (batch,):
             raise ValueError(f"camids must have shape ({batch},) to match frames, got {tuple(camids.shape)}")
+        rows, columns = self.patch_grid(height, width)
+        height, width = rows * self.patch_size, columns * self.patch_size
+        frames = frames[..., :height, :width]  # a no-op view when the sides are whole patches
         patch = self.embeddings.patch_embedding
         pixels = frames.flatten(0, 1).to(patch.weight.dtype)  # (B, T, 3, H, W) -> (B*T, 3, H, W)
         x = patch(pixels).flatten(2).transpose(1, 2)  # (B*T, D, h, w) -> (B*T, h*w, D)

@@ -71,3 +71,22 @@ def load_tower(model_class: type[PreTrainedModel], path: Path, config) -> tuple[
         output_loading_info=True,
         dtype=torch.get_default_dtype(),
     )
+
+
+# The published shapes of the CLIP towers farreid's recipes use (OpenAI CLIP; HF `openai/clip-vit-*`), for towers
+# with random weights of the real size (`farreid preflight --random-weights`, benchmarks): no weights involved.
+_TEXT = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407}
+ARCHITECTURES: dict[str, dict[str, dict]] = {
+    "vit-l-14": {
+        "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                   "patch_size": 14, "image_size": 224, "projection_dim": 768},
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "projection_dim": 768, **_TEXT},
+    },
+    "vit-b-16": {
+        "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "patch_size": 16, "image_size": 224, "projection_dim": 512},
+        "text": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8,
+                 "projection_dim": 512, **_TEXT},
+    },
+}  # fmt: skip
