@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from farreid.models import clip_dir
 from farreid.models.adapters import CrossFrameAdapter, IntraFrameAdapter
+from farreid.models.block import AdaptedBlock
 from farreid.models.prompts import CameraPrompts, ZeroGatedPromptAttention
 
 _TEXT_KEYS = ("text_model.", "text_projection.", "logit_scale")
@@ -73,52 +73,6 @@ def load_clip_vision(pretrained: str | None, config: dict | None) -> tuple[CLIPV
     if projection_is_new:
         warnings.warn(f"pretrained={str(path)!r} has no visual projection: a random one will train", stacklevel=3)
     return tower, projection_is_new
-
-
-class AdaptedBlock(nn.Module):
-    """One CLIP encoder layer run with SDPA plus its optional adapters and prompt attention (None = off).
-
-    Args:
-        layer: a HF `CLIPEncoderLayer` (layer_norm1, self_attn, layer_norm2, mlp).
-        intra_adapter: adapter parallel to the MLP, or None.
-        cross_frame_adapter: adapter parallel to self-attention, or None.
-        prompt_attention: zero-gated attention to the camera prompts, or None.
-    """
-
-    def __init__(
-        self,
-        layer: nn.Module,
-        intra_adapter: IntraFrameAdapter | None,
-        cross_frame_adapter: CrossFrameAdapter | None,
-        prompt_attention: ZeroGatedPromptAttention | None,
-    ) -> None:
-        super().__init__()
-        self.layer = layer
-        self.intra_adapter = intra_adapter
-        self.cross_frame_adapter = cross_frame_adapter
-        self.prompt_attention = prompt_attention
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.layer.self_attn.num_heads, -1)).transpose(1, 2)  # (B, L, d) -> (B, H, L, d/H)
-
-    def forward(self, x: torch.Tensor, num_frames: int, prompts: torch.Tensor | None) -> torch.Tensor:
-        """Map tokens (B*T, N, d) (frames of a clip consecutive) and prompts (B*T, P, d) | None to (B*T, N, d)."""
-        attn = self.layer.self_attn
-        h = self.layer.layer_norm1(x)
-        q, k, v = self._heads(attn.q_proj(h)), self._heads(attn.k_proj(h)), self._heads(attn.v_proj(h))
-        dropout = attn.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=attn.scale)  # (B*T, H, N, d/H)
-        if self.prompt_attention is not None and prompts is not None:
-            p = self.layer.layer_norm1(prompts)
-            a = a + self.prompt_attention(q, self._heads(attn.k_proj(p)), self._heads(attn.v_proj(p)))
-        x = x + attn.out_proj(a.transpose(1, 2).flatten(2))  # (B*T, H, N, d/H) -> (B*T, N, d)
-        if self.cross_frame_adapter is not None:
-            x = x + self.cross_frame_adapter(h, num_frames)
-        h2 = self.layer.layer_norm2(x)
-        out = x + self.layer.mlp(h2)
-        if self.intra_adapter is not None:
-            out = out + self.intra_adapter(h2)
-        return out
 
 
 def _block_index(value: int, depth: int, name: str, clip: bool) -> int:
