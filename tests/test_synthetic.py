@@ -11,7 +11,8 @@ from PIL import Image
 
 from farreid.data.detreidx import CASES, case_split
 from farreid.data.index_cache import read_split
-from farreid.data.synthetic import generate, main, sample_people
+from farreid.data.render import sample_people
+from farreid.data.synthetic import generate, main
 
 SMALL = dict(num_train_ids=4, num_test_ids=3, min_frames=3, max_frames=6)
 
