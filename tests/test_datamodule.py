@@ -4,6 +4,8 @@ the index cache, and unreadable tracklets."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -197,3 +199,20 @@ def test_a_choice_outside_its_literal_is_a_usage_error_naming_the_key(key, value
     assert console(args) == 2
     err = capsys.readouterr().err
     assert key in err and value in err
+
+
+def test_only_the_datamodule_imports_lightning():
+    """ARCHITECTURE.md: ``farreid.data`` is plain PyTorch/NumPy except the datamodule (checked in a fresh process,
+    so the modules' own transitive imports count, not what this test session has loaded)."""
+    probe = """
+import importlib, pkgutil, sys
+import farreid.data as data
+names = [m.name for m in pkgutil.walk_packages(data.__path__, "farreid.data.") if m.name != "farreid.data.datamodule"]
+for name in names:
+    importlib.import_module(name)
+print(len(names), sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning")))
+"""
+    count, loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split(" ", 1)
+    assert int(count) >= 15 and loaded.strip() == "[]", loaded

@@ -4,12 +4,15 @@ and the thread policy of a process that feeds them."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from farreid.data.sampling import IdentityBatchSampler
+
+if TYPE_CHECKING:  # annotations only: the loaders read a trainer's loop state, so the module runs without Lightning
+    import lightning as L
 
 
 def compute_threads(requested: int | None, num_workers: int) -> int | None:
