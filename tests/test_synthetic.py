@@ -104,3 +104,15 @@ def test_refuses_to_overwrite_and_cli(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="overwrite"):
         generate(tmp_path / "cli", num_train_ids=2, num_test_ids=1)
     generate(tmp_path / "cli", num_train_ids=2, num_test_ids=1, overwrite=True)
+
+
+def test_cli_layout_is_a_choice_and_writes_other_layouts(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "bad"), "--layout", "marss"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--layout" in err and "'marss'" in err and "mars" in err
+    assert not (tmp_path / "bad").exists()
+    main([str(tmp_path / "prid"), "--layout", "prid", "--num-train-ids", "2", "--num-test-ids", "1"])
+    assert "frames under" in capsys.readouterr().out
+    assert len(list((tmp_path / "prid").rglob("*.png"))) > 0

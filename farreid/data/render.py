@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
@@ -28,7 +29,7 @@ class Person:
     """The appearance of one identity (RGB colours as 0–255 tuples)."""
 
     upper: tuple[int, int, int]
-    pattern: str  # "solid" | "stripes" | "checks"
+    pattern: Literal["solid", "stripes", "checks"]
     pattern_colour: tuple[int, int, int]
     lower: tuple[int, int, int]
     build: tuple[float, float]
@@ -42,7 +43,7 @@ class Person:
 class TrackletSpec:
     """One tracklet to render: camera, geometry, and which identity look to use."""
 
-    view: str  # "ground" | "aerial"
+    view: Literal["ground", "aerial"]
     session: int  # 0 ground, 1/2 UAV session
     camera: int  # ground camera number (1..3) or UAV number
     altitude: float  # metres (0 for ground)

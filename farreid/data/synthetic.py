@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from farreid.data.detreidx import CASES
+from farreid.data.layouts import LAYOUTS, write_layout
 from farreid.data.render import TrackletSpec, render_tracklet, sample_people, second_session
 
 
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--layout",
         default="detreidx",
-        help="detreidx (this module) or another reader's layout: agvpreid, g2a, mars, lsvid, ilidsvid, prid, dukevideo",
+        choices=("detreidx", *LAYOUTS),
+        help="detreidx (this module) or another reader's layout (farreid.data.layouts)",
     )
     args = vars(parser.parse_args(argv))  # every option but --layout is a keyword of `generate`
     start = time.perf_counter()
@@ -194,8 +196,6 @@ def main(argv: list[str] | None = None) -> None:
     if layout == "detreidx":
         root = generate(args.pop("root"), **args)
     else:
-        from farreid.data.layouts import write_layout
-
         root = write_layout(args["root"], layout, args["num_train_ids"], args["num_test_ids"], seed=args["seed"])
     num_files = sum(1 for p in root.rglob("*") if p.suffix in (".jpg", ".png"))
     print(f"wrote {num_files} frames under {root} in {time.perf_counter() - start:.1f} s")

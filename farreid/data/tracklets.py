@@ -11,11 +11,13 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _NUM_EXAMPLES = 3  # example paths shown in a skip warning
+View = Literal["aerial", "ground"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class FrameMeta:
         angle: camera pitch in degrees (0 for ground).
     """
 
-    view: str
+    view: View
     camid: int
     altitude: float = 0.0
     distance: float = 0.0
@@ -53,7 +55,7 @@ class Tracklet:
 
     pid: int
     camid: int
-    view: str
+    view: View
     altitude: float
     distance: float
     angle: float
