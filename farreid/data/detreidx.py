@@ -143,6 +143,11 @@ def _release_free_heap() -> None:
 
 
 def check_split(root: str | os.PathLike, split: str) -> str:
+    """The path of ``ROOT/split``, after checking that the root and the split folder exist.
+
+    Raises:
+        FileNotFoundError: either is missing (the message shows the expected layout).
+    """
     root_path = Path(root)
     if not root_path.is_dir():
         raise FileNotFoundError(f"dataset root {root_path} does not exist; expected layout: {EXPECTED_LAYOUT}")
