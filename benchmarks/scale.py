@@ -40,14 +40,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from farreid.data.dataset import TrackletDataset, relabel  # noqa: E402
+from farreid.data.dataset import TrackletDataset, relabel
 from farreid.data.detreidx import list_split
-from farreid.data.index_cache import (  # noqa: E402
-    cache_path,
-    cached_split,
-    read_split,  # noqa: E402
-)
-from farreid.data.transforms import CLIP_MEAN, CLIP_STD, TrackletTransform  # noqa: E402
+from farreid.data.index_cache import cache_path, cached_split, read_split
+from farreid.data.transforms import CLIP_MEAN, CLIP_STD, TrackletTransform
 
 FULL_TRACKLETS = 11_288
 FULL_FRAMES = 11_750_000
