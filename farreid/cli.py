@@ -230,11 +230,13 @@ TOOLS = {
     "preflight": "farreid.tools.preflight",  # a few real steps of a fit: memory, speed, projected run time
     "embed": "farreid.tools.embed",  # one L2-normalised embedding + metadata per tracklet of any folder
     "export": "farreid.tools.export",  # the embedding model to ONNX
+    "compare": "farreid.tools.compare",  # two test runs' per-query AP differences
 }
 DESCRIPTION = (
     "farreid: extreme far-distance aerial-ground video person ReID. Also: `farreid preflight --config C` (a few real "
     "steps: memory, speed, run time), `farreid embed CHECKPOINT FOLDER --out DIR` "
-    "(embeddings of any tracklet folder) and `farreid export CHECKPOINT --out MODEL.onnx`; each has --help."
+    "(embeddings of any tracklet folder), `farreid export CHECKPOINT --out MODEL.onnx` and `farreid compare RUN_A "
+    "RUN_B --out DIR` (two test runs' per-query AP differences); each has --help."
 )
 
 

@@ -9,6 +9,7 @@ rank logs the same monitored value (what ``ModelCheckpoint`` and early stopping 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +18,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from farreid.data.protocols import EvalSet
-from farreid.evaluation import scoring
+from farreid.evaluation import plots, scoring
+from farreid.evaluation.frames import FrameReader
+from farreid.evaluation.report import log_worst_queries, write_report
 from farreid.evaluation.reporting import metadata_breakdowns, run_table, write_figures
 from farreid.evaluation.scoring import NAMES_SHOWN, Scorer
 from farreid.evaluation.state import EmbeddingRows, Gathered, merged
@@ -46,6 +49,8 @@ class ReIDEvaluator(Callback):
         rerank_on_validation: re-rank during validation too (slower; off by default).
         figures: write CMC curves, ranked lists, attention weights and the altitude/distance breakdown at test.
         figure_queries: queries per case shown in the ranked-list figure.
+        report: write ``report.html`` (every query, worst first, with thumbnails) and ``per_query.csv`` at test
+            (:mod:`farreid.evaluation.report`); with a W&B logger the worst queries also go to a ``wandb.Table``.
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class ReIDEvaluator(Callback):
         rerank_on_validation: bool = False,
         figures: bool = True,
         figure_queries: int = 4,
+        report: bool = True,
     ) -> None:
         self.scorer = scorer
         self.max_rank = max_rank
@@ -68,6 +74,7 @@ class ReIDEvaluator(Callback):
         self.rerank_on_validation = rerank_on_validation
         self.figures = figures
         self.figure_queries = figure_queries
+        self.report = report
         self.rows = EmbeddingRows()
         self._said_sanity = False
         self.last_results: dict = {}
@@ -150,6 +157,8 @@ class ReIDEvaluator(Callback):
                 results = self.score(eval_set, gathered.features, rerank=use_rr)
                 if eval_set.anonymized:
                     self._write_submission(out_dir, eval_set, results["rankings"], "_rerank" if use_rr else "")
+                    if stage == "test" and not use_rr and self.report:
+                        self._write_report(trainer, out_dir, eval_set, gathered.features, gathered.weights, results)
                 elif results["cases"]:
                     report[name] = (self._summary(results, eval_set), results)
         summaries = trainer.strategy.broadcast({name: s for name, (s, _r) in report.items()}, src=0)
@@ -185,16 +194,33 @@ class ReIDEvaluator(Callback):
         if breakdown:
             self.last_results["breakdown"] = breakdown
         path = out_dir / "results.json"
-        # run_info (set by the farreid CLI): the checkpoint tested, the git commit and the resolved config
+        # run_info (set by the farreid CLI): the checkpoint tested, the git commit and the resolved config. Written
+        # before the drawing (kept if it fails) and again after it (with its counts of unreadable frames).
         path.write_text(json.dumps({**self.last_results, "run": self.run_info}, indent=2))
-        print(f"[farreid] results written to {path}")
         if self.figures:
-            paths = write_figures(out_dir / "figures", eval_set, weights, report, self.figure_queries, feats)
+            reader = FrameReader(plots.THUMB_SIZE)
+            paths = write_figures(out_dir / "figures", eval_set, weights, report, self.figure_queries, feats, reader)
+            self.last_results["figures"] = {"files": len(paths), "unreadable_frames": reader.summary()}
             print(f"[farreid] figures written to {out_dir / 'figures'} ({len(paths)} files)")
             for logger in trainer.loggers:
                 if hasattr(logger, "log_image"):
                     for p in paths:
                         logger.log_image(key=f"figures/{p.stem}", images=[str(p)])
+        if self.report:
+            rerank = report["rerank"][1] if "rerank" in report else None
+            summaries = {name: summary for name, (summary, _results) in report.items()}
+            self._write_report(trainer, out_dir, eval_set, feats, weights, report["plain"][1], rerank, summaries)
+        path.write_text(json.dumps({**self.last_results, "run": self.run_info}, indent=2))
+        print(f"[farreid] results written to {path}")
+
+    def _write_report(self, trainer, out_dir, eval_set, feats, weights, plain, rerank=None, summaries=None) -> None:
+        workers = int(getattr(trainer.datamodule, "hparams", {}).get("num_workers", 0) or 0)
+        info = write_report(out_dir, eval_set, plain, feats.cpu(), weights.cpu(), rerank, summaries, self.scorer,
+                            workers=min(workers, os.cpu_count() or 1))  # fmt: skip
+        self.last_results["report"] = {k: v for k, v in info.items() if k not in ("entries", "worst")}
+        seconds = info["seconds"]
+        print(f"[farreid] report written to {out_dir / 'report.html'} ({info['queries']} queries, {seconds:.1f} s)")
+        log_worst_queries(trainer.loggers, info["worst"])
 
     @staticmethod
     def _write_submission(out_dir: Path, eval_set: EvalSet, rankings: dict, suffix: str = "") -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
+
+from farreid.evaluation.frames import FrameReader
 
 # Height x width of one frame thumbnail in the strips, pixels (the 2:1 aspect of person crops).
 THUMB_SIZE = (96, 48)
@@ -26,20 +27,17 @@ def _save(figure: Figure, path: str | Path) -> Path:
     return path
 
 
-def _strip(frames: Sequence[str], count: int | None) -> np.ndarray:
-    """Evenly spaced frames side by side: (H, count * W, 3) uint8 (all frames when count is None)."""
+def _strip(frames: Sequence[str], count: int | None, reader: FrameReader | None = None) -> np.ndarray:
+    """Evenly spaced frames side by side: (H, count * W, 3) uint8 (all frames when count is None); a frame that
+    cannot be read is drawn as the reader's placeholder and counted there."""
     if not frames:
         raise ValueError("a tracklet to draw has no frames")
     if count is None or count >= len(frames):
         chosen = list(frames)
     else:
         chosen = [frames[i] for i in np.linspace(0, len(frames) - 1, count).round().astype(int)]
-    height, width = THUMB_SIZE
-    tiles = []
-    for frame in chosen:
-        with Image.open(frame) as image:
-            tiles.append(np.asarray(image.convert("RGB").resize((width, height))))
-    return np.concatenate(tiles, axis=1)  # count x (H, W, 3) -> (H, count * W, 3)
+    reader = reader or FrameReader(THUMB_SIZE)
+    return reader.strip(chosen)  # count x (H, W, 3) -> (H, count * W, 3)
 
 
 def _frame_axes(axes, image: np.ndarray, colour: str | None = None, title: str | None = None) -> None:
@@ -86,6 +84,7 @@ def plot_ranked_lists(
     query_labels: Sequence[str] | None = None,
     gallery_labels: Sequence[Sequence[str]] | None = None,
     title: str | None = None,
+    reader: FrameReader | None = None,
 ) -> Path:
     """Each query tracklet followed by its top-ranked gallery tracklets, framed green (correct) or red (wrong).
 
@@ -98,6 +97,7 @@ def plot_ranked_lists(
         query_labels: per query, a caption (e.g. its AP, ID, camera, altitude, distance); "query" if None.
         gallery_labels: per query and rank, a caption (e.g. distance, ID, camera); "rank r" if None.
         title: figure title.
+        reader: decodes the frames (unreadable ones become counted placeholders); a fresh one if None.
     """
     correct = np.asarray(correct, dtype=bool)
     num_query = len(query_frames)
@@ -112,13 +112,13 @@ def plot_ranked_lists(
     grid = figure.subplots(num_query, columns, squeeze=False)
     for q in range(num_query):
         caption = query_labels[q] if query_labels is not None else "query"
-        _frame_axes(grid[q, 0], _strip(query_frames[q], frames_per_tracklet), colour="#1f77b4", title=caption)
+        _frame_axes(grid[q, 0], _strip(query_frames[q], frames_per_tracklet, reader), colour="#1f77b4", title=caption)
         for r in range(columns - 1):
             if r >= len(gallery_frames[q]):
                 grid[q, r + 1].set_axis_off()
                 continue
             colour = _CORRECT if correct[q, r] else _WRONG
-            image = _strip(gallery_frames[q][r], frames_per_tracklet)
+            image = _strip(gallery_frames[q][r], frames_per_tracklet, reader)
             caption = gallery_labels[q][r] if gallery_labels is not None else f"rank {r + 1}"
             _frame_axes(grid[q, r + 1], image, colour=colour, title=caption)
     if title:
@@ -128,7 +128,11 @@ def plot_ranked_lists(
 
 
 def plot_attention(
-    frames: list[list[str]], weights: list[np.ndarray], path: str | Path, labels: Sequence[str] | None = None
+    frames: list[list[str]],
+    weights: list[np.ndarray],
+    path: str | Path,
+    labels: Sequence[str] | None = None,
+    reader: FrameReader | None = None,
 ) -> Path:
     """Frames of a few tracklets, each frame above the bar of its temporal attention weight.
 
@@ -152,7 +156,7 @@ def plot_attention(
             raise ValueError(f"tracklet {i}: {len(tracklet)} frames but {weight.size} attention weights")
         # The strip spans the same x range as the bars, so each frame sits above its own weight.
         strip = grid[2 * i, 0]
-        _frame_axes(strip, _strip(tracklet, None), title=labels[i] if labels is not None else f"tracklet {i}")
+        _frame_axes(strip, _strip(tracklet, None, reader), title=labels[i] if labels is not None else f"tracklet {i}")
         strip.images[0].set_extent((-0.5, weight.size - 0.5, 0, 1))
         strip.set_aspect("auto")
         strip.set_xlim(-0.5, weight.size - 0.5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import warnings
 from pathlib import Path
 
@@ -10,14 +9,10 @@ import numpy as np
 import torch
 
 from farreid.data.protocols import EvalSet
-from farreid.data.sampling import frame_indices
 from farreid.evaluation import plots
+from farreid.evaluation.frames import FrameReader, scorer_frames
 from farreid.evaluation.metrics import breakdown_by_bins
-
-CASE_ORDER = ("A2G", "G2A", "A2A", "overall", "case_mean")
-ALTITUDE_BINS = (0.0, 20.0, 40.0, 60.0, 80.0, 200.0)
-DISTANCE_BINS = (0.0, 30.0, 60.0, 90.0, 200.0)
-PITCH_BINS = (0.0, 45.0, 75.0, 91.0)  # DetReIDX flies at 30°, 60° and 90°
+from farreid.evaluation.queries import ALTITUDE_BINS, CASE_ORDER, DISTANCE_BINS, PITCH_BINS
 
 
 def format_table(summaries: dict[str, dict], title: str = "") -> str:
@@ -151,6 +146,7 @@ def write_figures(
     report: dict,
     num_queries: int = 3,
     features: torch.Tensor | None = None,
+    reader: FrameReader | None = None,
 ) -> list[Path]:
     """CMC curves, ranked lists of chosen queries, temporal attention weights and the metadata breakdown.
 
@@ -162,7 +158,10 @@ def write_figures(
         num_queries: queries per case in the ranked lists, spread over the AP order (3: worst, median, best).
         features: (N, F) L2-normalised embeddings; when given, each rank shows its cosine distance to the query
             (the distance the plain ranking sorts by).
+        reader: decodes the frames drawn (the frames the scorer used); unreadable ones are counted placeholders.
     """
+    reader = reader or FrameReader(plots.THUMB_SIZE)
+    num_frames = weights.shape[1]  # T of the evaluation clips
     out_dir.mkdir(parents=True, exist_ok=True)
     tr = eval_set.tracklets
     paths = []
@@ -179,8 +178,8 @@ def write_figures(
         for tag, j in picks:
             query = tr[q[j]]
             ranked = [int(g[k]) for k in results["rankings"][case][j, :10]]
-            q_frames.append(list(query.frames))
-            g_frames.append([list(tr[i].frames) for i in ranked])
+            q_frames.append(scorer_frames(query.frames, num_frames))
+            g_frames.append([scorer_frames(tr[i].frames, num_frames) for i in ranked])
             q_labels.append(f"{tag}: AP {100 * ap[j]:.1f}%\n{query.name} ID {query.pid}\n{_where(query)}")
             labels = []
             for r, i in enumerate(ranked):
@@ -197,6 +196,7 @@ def write_figures(
                 query_labels=q_labels,
                 gallery_labels=g_labels,
                 title=f"{case}: queries by AP (green = same identity; d = cosine distance)",
+                reader=reader,
             )
         )
     w = weights.float().numpy()
@@ -205,10 +205,9 @@ def write_figures(
         sampled, labels = [], []
         for i in pick:
             t = tr[i]
-            indices, _mask = frame_indices(len(t.frames), w.shape[1], False, random.Random(0))
-            sampled.append([t.frames[j] for j in indices])
+            sampled.append(scorer_frames(t.frames, w.shape[1]))
             labels.append(f"{t.name} ID {t.pid}, {_where(t)}, {len(t.frames)} frames")
-        paths.append(plots.plot_attention(sampled, [w[i] for i in pick], out_dir / "attention.png", labels))
+        paths.append(plots.plot_attention(sampled, [w[i] for i in pick], out_dir / "attention.png", labels, reader))
     else:
         warnings.warn(
             f"no tracklet has the {w.shape[1]} real frames an unpadded attention figure needs: attention.png skipped",
