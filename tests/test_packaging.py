@@ -102,3 +102,20 @@ def test_each_install_path_has_exactly_one_faiss_wheel():
     # `make install` takes its FAISS from the `cpu` extra only.
     pip_lines = [line for line in (REPO / "Makefile").read_text().splitlines() if "pip install" in line]
     assert any("'.[cpu,dev]'" in line for line in pip_lines) and not any("faiss" in line for line in pip_lines)
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_report_page_assets(tmp_path):
+    """A non-editable install (Docker, a cluster's site-packages) has the report's HTML, CSS and JavaScript."""
+    import zipfile
+
+    repo = REPO
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(repo)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("farreid-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for asset in ("report.html", "report.css", "report.js"):
+        assert f"farreid/evaluation/assets/{asset}" in names
