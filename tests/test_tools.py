@@ -152,3 +152,48 @@ def test_export_onnx_at_the_recipe_clip_geometry(tmp_path):
     assert not model.backbone.embeddings.position_embedding.weight.requires_grad
     with pytest.raises(ValueError):
         model.embed({"frames": frames, "camid": torch.tensor([1, 7])})
+
+
+def _nan_checkpoint(checkpoint: str, path: Path) -> str:
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    for key, value in saved["state_dict"].items():
+        if value.is_floating_point():
+            saved["state_dict"][key] = torch.full_like(value, float("nan"))
+    torch.save(saved, path)
+    return str(path)
+
+
+def test_embed_refuses_nan_embeddings_and_writes_nothing(release, checkpoint, tmp_path, capsys):
+    bad = _nan_checkpoint(checkpoint, tmp_path / "nan.ckpt")
+    out = tmp_path / "emb"
+    assert embed.main([bad, str(release / QUERY), "--out", str(out), "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite embeddings" in err and "every tracklet" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(FloatingPointError, match="nothing was written"):
+        embed.write_embeddings(out, [{"name": "a"}, {"name": "b"}], np.array([[1.0, 0.0], [np.nan, 0.0]]))
+
+
+def test_embed_foreign_file_is_a_one_line_error(release, tmp_path, capsys):
+    for name, content in (("notes.ckpt", b"not a checkpoint at all\n"), ("empty.ckpt", b"")):
+        (tmp_path / name).write_bytes(content)
+        code = embed.main([str(tmp_path / name), str(release / QUERY), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and name in err and "not a PyTorch checkpoint" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "tensor.pt")
+    assert embed.main([str(tmp_path / "tensor.pt"), str(release / QUERY), "--out", str(tmp_path / "o")]) == 2
+    assert "without state_dict and hyper_parameters" in capsys.readouterr().err
+
+
+def test_embed_keeps_existing_output_unless_overwrite(release, checkpoint, tmp_path, capsys):
+    out = tmp_path / "emb"
+    args = [checkpoint, str(release / QUERY), "--out", str(out), "--num-workers", "0"]
+    assert embed.main(args) == 0
+    before = (out / "embeddings.npz").read_bytes()
+    (out / "tracklets.csv").write_text("kept\n")
+    assert embed.main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "tracklets.csv").read_text() == "kept\n"
+    assert embed.main([*args, "--overwrite"]) == 0
+    assert (out / "embeddings.npz").read_bytes() == before and (out / "tracklets.csv").read_text() != "kept\n"
+    assert sorted(p.name for p in out.iterdir()) == ["embeddings.npz", "tracklets.csv"]  # no .part left

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import pickle
 import sys
+import zipfile
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,6 +37,8 @@ from farreid.data.index_cache import read_split
 from farreid.data.tracklets import IMAGE_SUFFIXES, Tracklet
 from farreid.data.transforms import TrackletTransform, normalize_clip
 
+# Files `farreid embed` writes into its --out folder (what --overwrite replaces).
+OUTPUTS = ("embeddings.npz", "tracklets.csv")
 COLUMNS = ("index", "split", "name", "pid", "camid", "view", "altitude", "distance", "pitch", "num_frames", "folder")
 
 
@@ -168,21 +172,62 @@ def embed_folder(
             batch["frames"] = normalize_clip(batch["frames"])  # uint8 clips -> normalised floats, on the device
             chunks.append(model.embed(batch)[0].float().cpu())
     model.train(was_training)
-    return rows, torch.cat(chunks).numpy()
+    embeddings = torch.cat(chunks).numpy()
+    check_finite(rows, embeddings)
+    return rows, embeddings
 
 
-def write_embeddings(out_dir: str | os.PathLike, rows: list[dict], embeddings: np.ndarray) -> tuple[Path, Path]:
-    """Write ``embeddings.npz`` and ``tracklets.csv`` into ``out_dir``; returns both paths."""
+def check_finite(rows: list[dict], embeddings: np.ndarray) -> None:
+    """Raise FloatingPointError naming the tracklets whose embedding is not finite (as ``farreid test`` does)."""
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if not len(bad):
+        return
+    if len(bad) == len(rows):
+        culprit = "every tracklet: the checkpoint's weights are probably non-finite"
+    else:
+        shown = ", ".join(rows[int(i)]["name"] for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        culprit = f"tracklets {shown}"
+    raise FloatingPointError(
+        f"non-finite embeddings for {len(bad)} of {len(rows)} tracklets ({culprit}); nothing was written"
+    )
+
+
+def check_output(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise FileExistsError when ``out_dir`` already holds embed output and ``overwrite`` is not set."""
+    held = [name for name in OUTPUTS if (Path(out_dir) / name).exists()]
+    if held and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds {' and '.join(held)}: pass --overwrite to replace them, or another --out"
+        )
+
+
+def write_embeddings(
+    out_dir: str | os.PathLike, rows: list[dict], embeddings: np.ndarray, overwrite: bool = False
+) -> tuple[Path, Path]:
+    """Write ``embeddings.npz`` and ``tracklets.csv`` into ``out_dir``; returns both paths.
+
+    Each file is written beside its final name and renamed into place, so a reader never sees half a file.
+
+    Raises:
+        ValueError: row count and embedding count differ.
+        FloatingPointError: a non-finite embedding (see :func:`check_finite`).
+        FileExistsError: ``out_dir`` holds embed output and ``overwrite`` is False.
+    """
     if len(rows) != len(embeddings):
         raise ValueError(f"{len(rows)} metadata rows but {len(embeddings)} embeddings")
+    check_finite(rows, embeddings)
+    check_output(out_dir, overwrite)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    npz, table = out / "embeddings.npz", out / "tracklets.csv"
-    np.savez(npz, embeddings=embeddings.astype(np.float32), names=np.array([r["name"] for r in rows]))
-    with table.open("w", newline="") as f:
+    npz, table = out / OUTPUTS[0], out / OUTPUTS[1]
+    with open(npz.with_name(npz.name + ".part"), "wb") as f:
+        np.savez(f, embeddings=embeddings.astype(np.float32), names=np.array([r["name"] for r in rows]))
+    with open(table.with_name(table.name + ".part"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    for path in (npz, table):
+        os.replace(path.with_name(path.name + ".part"), path)
     return npz, table
 
 
@@ -194,7 +239,21 @@ def load_model(checkpoint: str | os.PathLike, device: str = "cpu") -> torch.nn.M
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found: expected a .ckpt written by `farreid fit`")
+    check_checkpoint(path)
     return ReIDModule.load_from_checkpoint(path, map_location=device).to(device)
+
+
+def check_checkpoint(path: Path) -> None:
+    """Raise ValueError unless ``path`` is a checkpoint of a farreid module (read memory-mapped, weights only)."""
+    expected = "expected a .ckpt written by `farreid fit`"
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({reason[:120]}): {expected}") from None
+    missing = [key for key in ("state_dict", "hyper_parameters") if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        raise ValueError(f"{path} is a PyTorch file without {' and '.join(missing)}: {expected}")
 
 
 def _device(name: str) -> str:
@@ -216,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default: 2)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default: auto)")
     parser.add_argument("--precision", choices=("32", "bf16"), default="32", help="autocast dtype (default: 32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace embeddings already in --out")
     return parser
 
 
@@ -224,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_known_messages()
     try:
+        check_output(args.out, args.overwrite)  # before the model runs, not after
         model = load_model(args.checkpoint, _device(args.device))
         rows, embeddings = embed_folder(
             model,
@@ -233,10 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_workers=args.num_workers,
             precision=args.precision,
         )
-    except (FileNotFoundError, ValueError) as err:
+        npz, table = write_embeddings(args.out, rows, embeddings, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
         print(f"farreid embed: error: {err}", file=sys.stderr)
         return 2
-    npz, table = write_embeddings(args.out, rows, embeddings)
     print(f"[farreid] {len(rows)} embeddings of width {embeddings.shape[1]} written to {npz} and {table}")
     return 0
 
