@@ -231,12 +231,15 @@ TOOLS = {
     "embed": "farreid.tools.embed",  # one L2-normalised embedding + metadata per tracklet of any folder
     "export": "farreid.tools.export",  # the embedding model to ONNX
     "compare": "farreid.tools.compare",  # two test runs' per-query AP differences
+    "index": "farreid.tools.index",  # a FAISS index over embed outputs, in shards
+    "search": "farreid.tools.search",  # top-K of an index per query, filters, candidate re-ranking
 }
 DESCRIPTION = (
     "farreid: extreme far-distance aerial-ground video person ReID. Also: `farreid preflight --config C` (a few real "
     "steps: memory, speed, run time), `farreid embed CHECKPOINT FOLDER --out DIR` "
     "(embeddings of any tracklet folder), `farreid export CHECKPOINT --out MODEL.onnx` and `farreid compare RUN_A "
-    "RUN_B --out DIR` (two test runs' per-query AP differences); each has --help."
+    "RUN_B --out DIR` (two test runs' per-query AP differences), `farreid index EMB_DIR... --out IDX` and "
+    "`farreid search IDX QUERY_EMB_DIR --out DIR` (an archive index of embed outputs and its top-K); each has --help."
 )
 
 

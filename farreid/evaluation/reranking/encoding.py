@@ -45,8 +45,11 @@ def pair_distances(features, squared, left, right, scratch) -> torch.Tensor:
     return squared.index_select(0, left) + squared.index_select(0, right) - 2.0 * products
 
 
-def encode(features, squared, nn_dist, nn_index, row_max, full, k1_width, half_width, chunk_size, workers, show):
-    """The sparse k-reciprocal encodings V (one row per item) as CSR (pointers, columns, values).
+def encode(
+    features, squared, nn_dist, nn_index, row_max, full, k1_width, half_width, chunk_size, workers, show, rows=None
+):
+    """The sparse k-reciprocal encodings V (one row per item, or of the first ``rows`` items) as CSR (pointers,
+    columns, values).
 
     `full` is the whole (N, N) distance matrix when the distance pass held it (members' distances are then read
     from it), else None (they come from the neighbour lists, or from a direct dot product outside them).
@@ -65,7 +68,7 @@ def encode(features, squared, nn_dist, nn_index, row_max, full, k1_width, half_w
         known_index, order = torch.sort(nn_index, dim=1)
         known_key = (torch.arange(num_all, device=device)[:, None] * num_all + known_index).flatten()
         known_dist = nn_dist.gather(1, order).flatten()
-    chunks = row_chunks(num_all, chunk_size, workers)
+    chunks = row_chunks(num_all if rows is None else rows, chunk_size, workers)
     local = threading.local()
 
     def encode(chunk: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

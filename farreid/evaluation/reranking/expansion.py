@@ -5,10 +5,12 @@ import torch
 from farreid.evaluation.reranking.chunks import csr_pointers, expand_segments, row_chunks, run_chunks
 
 
-def query_expansion(encoding, nn_index, k2_width, chunk_size, workers, show):
-    """Local query expansion: row i becomes the mean of the rows of its top-k2 items (CSR in, CSR out)."""
+def query_expansion(encoding, nn_index, k2_width, chunk_size, workers, show, num_columns=None):
+    """Local query expansion: row i of ``nn_index`` becomes the mean of the rows of V of its top-k2 items (CSR in,
+    CSR out). ``num_columns`` bounds V's columns when they are not the rows of ``nn_index`` (default: its rows)."""
     pointers, columns, values = encoding
-    num_all = nn_index.shape[0]
+    num_rows = nn_index.shape[0]
+    num_all = num_rows if num_columns is None else num_columns
     # Keys (row in chunk) * N + column: int32 when they fit, which halves the sort behind `unique`.
     key_type = torch.int32 if chunk_size * num_all < 2**31 else torch.int64
 
@@ -23,7 +25,7 @@ def query_expansion(encoding, nn_index, k2_width, chunk_size, workers, show):
         unique = unique.long()
         return torch.div(unique, num_all, rounding_mode="floor") + start, unique % num_all, summed / k2_width
 
-    parts = run_chunks(expand, row_chunks(num_all, chunk_size, workers), workers, "re-ranking: query expansion", show)
+    parts = run_chunks(expand, row_chunks(num_rows, chunk_size, workers), workers, "re-ranking: query expansion", show)
     rows = torch.cat([part[0] for part in parts])
-    counts = torch.bincount(rows, minlength=num_all)  # rows arrive sorted
+    counts = torch.bincount(rows, minlength=num_rows)  # rows arrive sorted
     return csr_pointers(counts), torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])

@@ -66,7 +66,8 @@ def jaccard_distances(encoding, num_query: int, distances, row_max, lambda_value
     query entry gathers its column's row of the padded inverted index and adds its minima into a dense block.
     """
     pointers, columns, values = encoding
-    num_all = pointers.numel() - 1
+    # Columns may name items beyond the rows of V (candidate re-ranking encodes only some of its items).
+    num_all = max(pointers.numel() - 1, int(columns.max()) + 1 if columns.numel() else 0)
     num_gallery = distances.shape[1]
     out = distances if distances.is_contiguous() else distances.new_empty(distances.shape)
     device = columns.device

@@ -1,0 +1,180 @@
+"""k-reciprocal re-ranking of each query's candidates, with neighbourhoods from the index instead of an N x N matrix.
+
+The algorithm is that of :func:`farreid.evaluation.reranking.re_ranking` (Zhong et al., CVPR 2017, with the
+published function's conventions), over the same items: every query and every indexed row that the filter allows.
+What changes is where the neighbour lists come from and how many are computed:
+
+- each query's ``depth`` candidates come from the index; only they are re-ranked (rows beyond them keep their
+  place after them, and are not returned);
+- a list of the ``max(k1 + 1, k2)`` nearest items (index rows through the index, queries through an exact search
+  among the queries) is computed for the queries, their candidates, and the items in those lists (two hops:
+  what the k1-reciprocal test and the local query expansion read); an item three hops away has no list and is
+  treated as not reciprocal, which can only leave an expansion set smaller than the dense algorithm's;
+- each row's distance maximum (the published normalisation) comes from a farthest-neighbour search.
+
+Lists are cached across query blocks in (N + Q, w) arrays, so memory grows with N * k, never N^2. When the
+candidates cover every row (depth = N) and the index is exact, the result equals the dense re-ranking up to
+float rounding (tested).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from farreid.evaluation.reranking.chunks import chunk_workers
+from farreid.evaluation.reranking.encoding import encode
+from farreid.evaluation.reranking.expansion import query_expansion
+from farreid.evaluation.reranking.jaccard import jaccard_distances
+from farreid.search.index import ArchiveIndex, _faiss, merge_topk
+
+# Hops of neighbour lists computed from the queries and their candidates (see the module docstring).
+HOPS = 2
+
+
+class _Neighbours:
+    """Cached neighbour lists and distance maxima of the items: index rows 0..N-1, queries N..N+Q-1."""
+
+    def __init__(self, index, queries, allowed, width, search_kwargs):
+        faiss = _faiss()
+        self.index, self.queries, self.allowed, self.width = index, queries, allowed, width
+        self.kwargs = search_kwargs
+        self.num = len(index)
+        self.query_index = faiss.IndexFlatIP(queries.shape[1])
+        self.query_index.add(queries)
+        total = self.num + len(queries)
+        self.have = np.zeros(total, dtype=bool)
+        self.ids = np.full((total, width), -1, dtype=np.int64)
+        self.dist = np.zeros((total, width), dtype=np.float32)
+        self.row_max = np.zeros(total, dtype=np.float32)
+
+    def vectors(self, items: np.ndarray) -> np.ndarray:
+        out = np.empty((len(items), self.queries.shape[1]), dtype=np.float32)
+        rows = items < self.num
+        if rows.any():
+            out[rows] = self.index.reconstruct(items[rows])
+        out[~rows] = self.queries[items[~rows] - self.num]
+        return out
+
+    def fill(self, items: np.ndarray) -> None:
+        """Lists and maxima for the items that have none yet."""
+        items = items[~self.have[items]]
+        if not len(items):
+            return
+        vec = self.vectors(items)
+        k_rows = min(self.width, int(self.allowed.sum()) if self.allowed is not None else self.num)
+        d_rows, i_rows = self.index.search(vec, k_rows, allowed=self.allowed, **self.kwargs)
+        k_q = min(self.width, len(self.queries))
+        scores, i_q = self.query_index.search(vec, k_q)
+        dist, ids = merge_topk([(d_rows, i_rows), (2.0 - 2.0 * scores, i_q + self.num)], self.width)
+        self.ids[items], self.dist[items] = ids, np.maximum(dist, 0.0)
+        # Farthest item: the nearest to -v among the rows, and among the queries.
+        far_rows, _ = self.index.search(-vec, 1, allowed=self.allowed, **self.kwargs)
+        far_q, _ = self.query_index.search(-vec, 1)
+        # |v - u|^2 = 2 - 2 v.u and the search of -v reports 2 + 2 v.u: the farthest u is 4 minus it.
+        self.row_max[items] = np.maximum(4.0 - far_rows[:, 0], 2.0 + 2.0 * far_q[:, 0])
+        self.have[items] = True
+
+
+def candidate_rerank(
+    index: ArchiveIndex,
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    *,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    allowed: np.ndarray | None = None,
+    block: int = 64,
+    nprobe: int | None = None,
+    ef: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-ranked distances of each query's candidates.
+
+    Args:
+        index: all rows (the shards of one process). queries: (Q, D) unit rows.
+        candidates: (Q, depth) int64 rows of each query (best first, -1 for none), e.g. from ``index.search``.
+        k1, k2, lambda_value: as in :func:`farreid.evaluation.reranking.re_ranking`.
+        allowed: (N,) bool filter of the rows, the same one the candidates were drawn with.
+        block: queries re-ranked together (their candidates' Jaccard block is block x their union).
+
+    Returns:
+        (Q, depth) float32 re-ranked distances ascending (inf for none) and (Q, depth) int64 rows.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    width = max(k1 + 1, k2)
+    hood = _Neighbours(index, queries, allowed, width, {"nprobe": nprobe, "ef": ef})
+    k1_width, half_width, k2_width = k1 + 1, round(k1 / 2) + 1, k2
+    out_d = np.full(candidates.shape, np.inf, dtype=np.float32)
+    out_i = np.full(candidates.shape, -1, dtype=np.int64)
+    for start in range(0, len(queries), block):
+        stop = min(start + block, len(queries))
+        own = candidates[start:stop]
+        pool = np.unique(own[own >= 0])
+        seeds = np.concatenate([np.arange(start, stop) + hood.num, pool])  # S: the block's queries, candidates
+        listed_here, frontier = [seeds], seeds  # the items of this block that get a list: S and N(S)
+        for hop in range(HOPS):
+            hood.fill(frontier)
+            if hop + 1 < HOPS:
+                named = hood.ids[frontier]
+                frontier = np.setdiff1d(named[named >= 0], np.concatenate(listed_here))
+                listed_here.append(frontier)
+        expansion = np.unique(hood.ids[seeds, :k2_width])
+        # Local order: S, the rest of S's k2 nearest (rows of V the expansion reads), the other listed items,
+        # then items named in lists but without one of their own here.
+        order = [seeds, np.setdiff1d(expansion, seeds)]
+        order.append(np.setdiff1d(np.concatenate(listed_here), np.concatenate(order)))
+        named = hood.ids[np.concatenate(order)]
+        order.append(np.setdiff1d(named[named >= 0], np.concatenate(order)))
+        items = np.concatenate(order)
+        local = np.full(hood.ids.shape[0], -1, dtype=np.int64)
+        local[items] = np.arange(len(items))
+        num_known = sum(len(o) for o in order[:3])
+        nn_index = np.repeat(np.arange(len(items))[:, None], width, axis=1)  # no list: the item itself
+        nn_index[:num_known] = local[hood.ids[items[:num_known]]]
+        nn_dist = np.zeros((len(items), width), dtype=np.float32)
+        nn_dist[:num_known] = hood.dist[items[:num_known]]
+        features = np.zeros((len(items), queries.shape[1]), dtype=np.float32)
+        features[:num_known] = hood.vectors(items[:num_known])
+        row_max = np.ones(len(items), dtype=np.float32)
+        row_max[:num_known] = hood.row_max[items[:num_known]]
+        encoded_rows = len(order[0]) + len(order[1])
+        mixed = _rerank_block(
+            torch.from_numpy(features),
+            torch.from_numpy(nn_dist),
+            torch.from_numpy(nn_index),
+            torch.from_numpy(row_max),
+            stop - start,
+            len(seeds),
+            encoded_rows,
+            k1_width,
+            half_width,
+            k2_width,
+            lambda_value,
+        )  # (B, |pool|)
+        slot = np.searchsorted(pool, own.clip(min=0))
+        values = np.where(own >= 0, np.take_along_axis(mixed, slot, 1), np.inf).astype(np.float32)
+        rank = np.argsort(values, axis=1, kind="stable")
+        out_d[start:stop] = np.take_along_axis(values, rank, 1)
+        out_i[start:stop] = np.take_along_axis(own, rank, 1)
+    return out_d, out_i
+
+
+def _rerank_block(features, nn_dist, nn_index, row_max, num_query, num_seeds, encoded_rows, k1w, hw, k2w, lam):
+    """(num_query, num_seeds - num_query) re-ranked distances of a block's queries to the block's candidates."""
+    with torch.no_grad(), chunk_workers(features.device) as workers:
+        squared = torch.linalg.vector_norm(features, dim=1).square_()
+        encoding = encode(
+            features, squared, nn_dist, nn_index, row_max, None, k1w, hw, 1024, workers, False, rows=encoded_rows
+        )
+        if k2w != 1:
+            encoding = query_expansion(
+                encoding, nn_index[:num_seeds], k2w, 1024, workers, False, num_columns=features.shape[0]
+            )
+        else:
+            pointers, columns, values = encoding
+            end = int(pointers[num_seeds])
+            encoding = (pointers[: num_seeds + 1], columns[:end], values[:end])
+        query, pool = features[:num_query], features[num_query:num_seeds]
+        original = squared[:num_query, None] + squared[None, num_query:num_seeds] - 2.0 * (query @ pool.T)
+        return jaccard_distances(encoding, num_query, original, row_max, lam, workers, False).numpy()
