@@ -173,6 +173,10 @@ def test_bad_input_is_one_clear_error(tmp_path):
         read_embeddings(tmp_path / "cols")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         read_embeddings(tmp_path / "nowhere")
+    nan = vectors.copy()
+    nan[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"row 2 \(x2\) is not finite"):  # a set made in Python is checked too
+        EmbeddingSet(nan, table_from_columns([f"x{i}" for i in range(20)], ["ground"] * 20))
     index = build_index(read_embeddings(a), "flat")
     with pytest.raises(ValueError, match="k = 21"):
         index.search(clustered(2, 8, seed=4), 21)
@@ -241,3 +245,34 @@ def test_two_gloo_ranks_give_the_single_index_result(tmp_path, rerank):
         np.testing.assert_array_equal(one["indices"], two["indices"])
         np.testing.assert_array_equal(one["distances"], two["distances"])
     assert (tmp_path / "single" / "ranking.csv").read_text() == (tmp_path / "dist" / "ranking.csv").read_text()
+
+
+@pytest.mark.slow
+def test_embed_index_search_through_the_console_script(make_release, tiny_checkpoint, tmp_path):
+    """The documented chain on a release: embed the gallery and the queries, index, search (cross-view, re-ranked)."""
+    from tests.test_runs import run_farreid
+
+    release = make_release(num_train_ids=6, num_test_ids=3, seed=3, max_frames=6)
+    case = release / "case1_aerial_to_ground"
+    for split in ("gallery", "query"):
+        proc = run_farreid("embed", tiny_checkpoint, str(case / split), "--out", str(tmp_path / split),
+                           "--num-workers", "0", cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_farreid("index", str(tmp_path / "gallery"), "--out", str(tmp_path / "idx"), "--shards", "2",
+                       cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0 and (tmp_path / "idx" / "meta.json").is_file(), proc.stderr[-3000:]
+    gallery, queries = read_embeddings(tmp_path / "gallery"), read_embeddings(tmp_path / "query")
+    k = min(5, len(gallery))
+    proc = run_farreid("search", str(tmp_path / "idx"), str(tmp_path / "query"), "--top-k", str(k), "--out",
+                       str(tmp_path / "hits"), "--rerank", "--rerank-depth", str(len(gallery)),
+                       cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(tmp_path / "hits" / "ranking.npz") as saved:
+        ids, dist = saved["indices"], saved["distances"]
+    dense = re_ranking(torch.from_numpy(queries.vectors), torch.from_numpy(gallery.vectors)).numpy()
+    np.testing.assert_allclose(dist, np.sort(dense, axis=1)[:, :k], atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(dense, ids, 1), dist, atol=1e-5)  # the rows are the dense ones
+    lines = (tmp_path / "hits" / "ranking.csv").read_text().splitlines()
+    assert len(lines) == 1 + len(queries) * k and lines[1].split(",")[0] == queries.table.names[0]
+    assert run_farreid("search", str(tmp_path / "idx"), str(tmp_path / "query"), "--out", str(tmp_path / "hits"),
+                       cwd=tmp_path).returncode == 2  # fmt: skip

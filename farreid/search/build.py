@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from farreid import __version__
-from farreid.search.embeddings import EmbeddingSet, check_vectors
-from farreid.search.index import ADD_BLOCK, FORMAT, ArchiveIndex, IndexSpec, _faiss, choose_spec
+from farreid.search.embeddings import EmbeddingSet
+from farreid.search.index import ADD_BLOCK, FORMAT, ArchiveIndex, IndexSpec, choose_spec, require_faiss
 from farreid.search.table import TrackletTable
 
 
@@ -34,14 +34,13 @@ def build_index(
     """An index over ``embeddings.vectors`` (see :func:`~farreid.search.index.choose_spec` for ``kind``/``storage``).
 
     Args:
-        embeddings: the vectors (N, D), checked finite and unit, and their table.
+        embeddings: the vectors (N, D) and their table.
         shards: contiguous row ranges, each its own FAISS index (an approximate index is trained once, on a
             random sample of ``spec.train_size`` rows drawn with ``seed``, and cloned).
         spec: overrides ``kind``/``storage`` with explicit parameters.
     """
-    faiss = _faiss()
-    vectors = embeddings.vectors
-    check_vectors(vectors, "embeddings to index", embeddings.table.names)
+    faiss = require_faiss()
+    vectors = embeddings.vectors  # checked when the EmbeddingSet was made
     num, dim = vectors.shape
     spec = spec or choose_spec(num, dim, kind, storage)
     offsets = shard_offsets(num, shards)
@@ -67,7 +66,7 @@ def build_index(
 def _direct_map(shard, spec: IndexSpec) -> None:
     """Codes-only IVF indexes need a direct map to reconstruct a row by number (candidate re-ranking)."""
     if spec.kind == "ivfpq" and spec.storage == "pq":
-        _faiss().extract_index_ivf(shard).make_direct_map()
+        require_faiss().extract_index_ivf(shard).make_direct_map()
 
 
 def open_index(folder: str | os.PathLike, shards: Iterable[int] | None = None) -> ArchiveIndex:
@@ -77,7 +76,7 @@ def open_index(folder: str | os.PathLike, shards: Iterable[int] | None = None) -
         FileNotFoundError: no index there. ValueError: built by another farreid version, index format or FAISS
             build, or a shard whose row count differs from meta.json.
     """
-    faiss = _faiss()
+    faiss = require_faiss()
     root = Path(folder)
     meta_path = root / "meta.json"
     if not meta_path.is_file():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,19 @@ class EmbeddingSet:
     Attributes:
         vectors: (N, D) float32, L2-normalised.
         table: the :class:`~farreid.search.table.TrackletTable` of the N rows.
+
+    Checked once, when made (:func:`check_vectors`), so that what consumes it does not scan it again.
     """
 
     vectors: np.ndarray
     table: TrackletTable
+    checked: InitVar[bool] = False  # read_embeddings checked each folder already (with its file's name)
+
+    def __post_init__(self, checked: bool) -> None:
+        if not checked:
+            check_vectors(self.vectors, "embeddings", self.table.names)
+        if len(self.table) != len(self.vectors):
+            raise ValueError(f"{len(self.table)} table rows but {len(self.vectors)} embeddings")
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -110,4 +119,4 @@ def read_embeddings(folders: str | os.PathLike | Sequence[str | os.PathLike]) ->
         vectors.append(np.ascontiguousarray(array, dtype=np.float32))
         tables.append(table)
     joined = vectors[0] if len(vectors) == 1 else np.concatenate(vectors)
-    return EmbeddingSet(joined, TrackletTable.concat(tables))
+    return EmbeddingSet(joined, TrackletTable.concat(tables), checked=True)

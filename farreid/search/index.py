@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from farreid import __version__
+from farreid.evaluation.search import _load_faiss
 from farreid.search.table import TrackletTable
 
 FORMAT = 1  # the index folder's layout; bumped when it changes
@@ -40,11 +41,11 @@ EXACT_MAX = 100_000
 ADD_BLOCK = 65_536
 
 
-def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise ImportError("farreid index/search need FAISS: pip install 'farreid[cpu]' (or '[gpu]')") from None
+def require_faiss():
+    """The faiss module; ImportError with the install line when it is missing (the archive has no fallback)."""
+    faiss = _load_faiss()
+    if faiss is None:
+        raise ImportError("farreid index/search need FAISS: pip install 'farreid[cpu]' (or '[gpu]')")
     return faiss
 
 
@@ -129,14 +130,8 @@ class ArchiveIndex:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the serialised shards held here."""
-        faiss = _faiss()
-        return sum(int(faiss.serialize_index(s).nbytes) for s in self.shards.values())
-
     def _params(self, local_allowed: np.ndarray | None, nprobe: int | None, ef: int | None, k: int):
-        faiss = _faiss()
+        faiss = require_faiss()
         selector = None
         keep = None
         if local_allowed is not None:
@@ -213,7 +208,7 @@ class ArchiveIndex:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``meta.json``, ``shard-NNNNN.faiss`` per shard and ``table/`` into ``folder``."""
-        faiss = _faiss()
+        faiss = require_faiss()
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         for number, shard in self.shards.items():

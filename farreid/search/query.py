@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from farreid.search.embeddings import EmbeddingSet, check_vectors
+from farreid.search.embeddings import EmbeddingSet
 from farreid.search.rerank import candidate_rerank
 from farreid.search.table import VIEWS
 
@@ -70,7 +70,6 @@ def rank(
             re-ranked together, among the rows their filter allows.
         nprobe, ef: search breadth of ivfpq / hnsw indexes.
     """
-    check_vectors(queries.vectors, "query embeddings", queries.table.names)
     if queries.dim != index.dim:
         raise ValueError(f"query embeddings of {queries.dim} d, the index holds {index.dim} d")
     if not 1 <= k <= len(index):

@@ -26,7 +26,7 @@ from farreid.evaluation.reranking.chunks import chunk_workers
 from farreid.evaluation.reranking.encoding import encode
 from farreid.evaluation.reranking.expansion import query_expansion
 from farreid.evaluation.reranking.jaccard import jaccard_distances
-from farreid.search.index import ArchiveIndex, _faiss, merge_topk
+from farreid.search.index import ArchiveIndex, merge_topk, require_faiss
 
 # Hops of neighbour lists computed from the queries and their candidates (see the module docstring).
 HOPS = 2
@@ -36,7 +36,7 @@ class _Neighbours:
     """Cached neighbour lists and distance maxima of the items: index rows 0..N-1, queries N..N+Q-1."""
 
     def __init__(self, index, queries, allowed, width, search_kwargs):
-        faiss = _faiss()
+        faiss = require_faiss()
         self.index, self.queries, self.allowed, self.width = index, queries, allowed, width
         self.kwargs = search_kwargs
         self.num = len(index)
@@ -177,4 +177,6 @@ def _rerank_block(features, nn_dist, nn_index, row_max, num_query, num_seeds, en
             encoding = (pointers[: num_seeds + 1], columns[:end], values[:end])
         query, pool = features[:num_query], features[num_query:num_seeds]
         original = squared[:num_query, None] + squared[None, num_query:num_seeds] - 2.0 * (query @ pool.T)
-        return jaccard_distances(encoding, num_query, original, row_max, lam, workers, False).numpy()
+        return jaccard_distances(
+            encoding, num_query, original, row_max, lam, workers, False, num_columns=features.shape[0]
+        ).numpy()

@@ -54,7 +54,9 @@ def _jaccard_tables(columns, values, gallery_rows, num_all: int, workers: int):
     return width, slot, tables
 
 
-def jaccard_distances(encoding, num_query: int, distances, row_max, lambda_value: float, workers: int, show: bool):
+def jaccard_distances(
+    encoding, num_query: int, distances, row_max, lambda_value: float, workers: int, show: bool, num_columns=None
+):
     """Mixes the Jaccard distances of the query rows to the gallery rows of V into `out` (Q, G), in place.
 
     Returns (Q, G) (1 - lambda) * Jaccard + lambda * original, the original being the raw query-to-gallery squared
@@ -66,8 +68,8 @@ def jaccard_distances(encoding, num_query: int, distances, row_max, lambda_value
     query entry gathers its column's row of the padded inverted index and adds its minima into a dense block.
     """
     pointers, columns, values = encoding
-    # Columns may name items beyond the rows of V (candidate re-ranking encodes only some of its items).
-    num_all = max(pointers.numel() - 1, int(columns.max()) + 1 if columns.numel() else 0)
+    # V's columns may name items beyond its rows (candidate re-ranking encodes only some of its items).
+    num_all = pointers.numel() - 1 if num_columns is None else num_columns
     num_gallery = distances.shape[1]
     out = distances if distances.is_contiguous() else distances.new_empty(distances.shape)
     device = columns.device
