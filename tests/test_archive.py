@@ -77,7 +77,7 @@ def test_flat_shards_and_saved_index_equal_brute_force(data, tmp_path):
     np.testing.assert_array_equal(index.reconstruct(np.array([0, 1500, 2999])), gallery.vectors[[0, 1500, 2999]])
 
 
-@pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
 def test_approximate_kinds_find_the_true_neighbours(data, kind):
     gallery, queries = data
     want, _ = brute_force(queries, gallery.vectors, 10)
@@ -121,6 +121,27 @@ def test_candidate_rerank_at_full_depth_equals_dense_reranking(data):
     _, ids = candidate_rerank(index, queries, candidates)
     top = np.argsort(dense, axis=1, kind="stable")[:, :5]
     assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids[:, :5], top, strict=True)]) > 0.9
+
+
+def test_candidate_rerank_expands_past_shallow_candidates_to_what_dense_reranking_pulls_forward():
+    gallery = clustered(800, 32, seed=3, spread=1.0)
+    queries = clustered(40, 32, seed=3, spread=1.0, draw=1)
+    top = np.argsort(re_ranking(torch.from_numpy(queries), torch.from_numpy(gallery)).numpy(), 1, kind="stable")
+    top = top[:, :10]
+    table = table_from_columns([str(i) for i in range(800)], ["ground"] * 800)
+    index = build_index(EmbeddingSet(gallery, table), "flat")
+    _, candidates = index.search(queries, 20)
+
+    def agreement(ids):
+        shared = [set(a) & set(b) for a, b in zip(ids[:, :10], top, strict=True)]
+        found_beyond = sum(len(s - set(c)) for s, c in zip(shared, candidates, strict=True))
+        return np.mean([len(s) / 10 for s in shared]), found_beyond
+
+    (narrow, narrow_beyond), (wide, wide_beyond) = (
+        agreement(candidate_rerank(index, queries, candidates, expand=e)[1]) for e in (False, True)
+    )
+    assert narrow_beyond == 0 and wide_beyond > 0  # rows past the 20 candidates that the dense algorithm ranks top 10
+    assert wide > narrow and wide >= 0.99
 
 
 def test_tracklet_table_round_trip_and_size(tmp_path):

@@ -64,8 +64,8 @@ def build_index(
 
 
 def _direct_map(shard, spec: IndexSpec) -> None:
-    """Codes-only IVF indexes need a direct map to reconstruct a row by number (candidate re-ranking)."""
-    if spec.kind == "ivfpq" and spec.storage == "pq":
+    """IVF indexes without a refinement copy need a direct map to reconstruct a row by number (candidate re-ranking)."""
+    if spec.kind == "ivf" or (spec.kind == "ivfpq" and spec.storage == "pq"):
         require_faiss().extract_index_ivf(shard).make_direct_map()
 
 

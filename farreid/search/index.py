@@ -4,11 +4,13 @@ Kinds (inner product on L2-normalised vectors; distances are reported as squared
 
 - ``flat``: exact. ``storage`` float32 (``IndexFlatIP``, 4 D bytes a vector) or float16 (``SQfp16``, 2 D bytes,
   scores within ~1e-4 of exact).
+- ``ivf``: an inverted file of ``nlist`` lists holding the vectors as float16 (``storage`` float16, the default:
+  2 D bytes a vector) or float32; the probed lists are scanned exactly.
 - ``ivfpq``: an inverted file of ``nlist`` lists with product-quantised codes (``pq_m`` bytes a vector) for the
   candidates, re-scored against a float16 copy of the vectors (``storage`` float16, the default; ``k_factor`` x k
   candidates re-scored), a float32 copy (``float32``), or nothing (``pq``: codes only, lowest recall).
 - ``hnsw``: a graph of ``hnsw_m`` links a node over float32 or float16 vectors; no training, slow to build.
-- ``auto`` (:func:`choose_spec`): ``flat`` up to ``EXACT_MAX`` vectors, ``ivfpq`` above.
+- ``auto`` (:func:`choose_spec`): ``flat`` up to ``EXACT_MAX`` vectors, ``ivf`` above.
 
 The parameter rules follow the FAISS wiki's "Guidelines to choose an index" (IVF lists ~ sqrt(N) to 16 sqrt(N),
 30-256 training points a list, PQ sub-vectors of ~8 dimensions); the values picked inside those ranges are
@@ -33,10 +35,14 @@ from farreid.evaluation.search import _load_faiss
 from farreid.search.table import TrackletTable
 
 FORMAT = 1  # the index folder's layout; bumped when it changes
-KINDS = ("flat", "ivfpq", "hnsw")
+KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 STORAGE = ("float32", "float16", "pq")
 # farreid choice: below this many vectors exact search is cheap (1,000 queries x 100k x 768 d: ~1 s on 2 cores).
 EXACT_MAX = 100_000
+# farreid choice, measured (benchmarks/search.py): the IVF lists visited are nlist / NPROBE_DIVISOR, and an ivfpq
+# index re-scores PQ_K_FACTOR x k candidates against its stored vectors.
+NPROBE_DIVISOR = 2
+PQ_K_FACTOR = 16
 # Rows added to a FAISS index at once (bounded temporaries while adding).
 ADD_BLOCK = 65_536
 
@@ -72,6 +78,8 @@ class IndexSpec:
             return "Flat" if self.storage == "float32" else "SQfp16"
         if self.kind == "hnsw":
             return f"HNSW{self.hnsw_m}{sq[self.storage]}"
+        if self.kind == "ivf":
+            return f"IVF{self.nlist},{'Flat' if self.storage == 'float32' else 'SQfp16'}"
         refine = {"float32": ",RFlat", "float16": ",Refine(SQfp16)", "pq": ""}[self.storage]
         return f"IVF{self.nlist},PQ{self.pq_m}x{self.pq_bits}{refine}"
 
@@ -91,21 +99,24 @@ def choose_spec(num: int, dim: int, kind: str = "auto", storage: str | None = No
     distributions of benchmarks/search.py).
     """
     if kind == "auto":
-        kind = "flat" if num <= EXACT_MAX else "ivfpq"
+        kind = "flat" if num <= EXACT_MAX else "ivf"
     if kind not in KINDS:
         raise ValueError(f"index kind must be one of {(*KINDS, 'auto')}, got {kind!r}")
-    storage = storage or ("float16" if kind == "ivfpq" else "float32")
+    storage = storage or ("float16" if kind in ("ivf", "ivfpq") else "float32")
     allowed = STORAGE if kind == "ivfpq" else STORAGE[:2]
     if storage not in allowed:
         raise ValueError(f"storage for a {kind} index must be one of {allowed}, got {storage!r}")
     spec = IndexSpec(kind=kind, storage=storage)
-    if kind == "ivfpq":
+    if kind in ("ivf", "ivfpq"):
         nlist = 2 ** round(math.log2(max(1.0, math.sqrt(num))))
         spec.nlist = max(1, min(nlist, num // 39))
+        spec.train_size = min(num, 64 * spec.nlist)
+        spec.nprobe = max(1, spec.nlist // NPROBE_DIVISOR)
+    if kind == "ivfpq":
         spec.pq_m = _pq_m(dim)
         spec.pq_bits = int(min(8, max(1, math.floor(math.log2(max(2, num // 39))))))
-        spec.train_size = min(num, max(64 * spec.nlist, 39 * 2**spec.pq_bits))
-        spec.nprobe = max(1, spec.nlist // 8)
+        spec.train_size = min(num, max(spec.train_size, 39 * 2**spec.pq_bits))
+        spec.k_factor = PQ_K_FACTOR
     return spec
 
 
@@ -148,7 +159,7 @@ class ArchiveIndex:
             params = faiss.SearchParametersIVF(nprobe=nprobe or self.spec.nprobe)
             if selector is not None:
                 params.sel = selector
-            if self.spec.storage != "pq":
+            if kind == "ivfpq" and self.spec.storage != "pq":
                 params = faiss.IndexRefineSearchParameters(k_factor=self.spec.k_factor, base_index_params=params)
         return params, (keep, selector)  # the bitmap and selector must outlive the search
 
@@ -166,7 +177,7 @@ class ArchiveIndex:
         Args:
             queries: (Q, D) float32 unit rows.
             k: neighbours a query; at most the rows held. allowed: (N,) bool over all rows, or None for all.
-            nprobe: IVF lists visited (ivfpq). ef: HNSW search breadth (hnsw); both default to the spec's.
+            nprobe: IVF lists visited (ivf, ivfpq). ef: HNSW search breadth (hnsw); both default to the spec's.
 
         Returns:
             (Q, k) float32 squared Euclidean distances (ascending; inf where fewer than k rows qualify) and (Q, k)

@@ -57,6 +57,7 @@ def rank(
     nprobe: int | None = None,
     ef: int | None = None,
     block: int = 64,
+    expand: bool = True,
 ) -> Ranking:
     """The top ``k`` rows of the index for every query.
 
@@ -68,7 +69,9 @@ def rank(
         rerank: k-reciprocal re-ranking of each query's ``depth`` candidates (default max(k, 100)) with
             ``k1``, ``k2``, ``lambda_value`` (see :mod:`farreid.search.rerank`); queries of one view are
             re-ranked together, among the rows their filter allows.
-        nprobe, ef: search breadth of ivfpq / hnsw indexes.
+        expand: the re-ranking also scores the rows that each query's k-reciprocal encoding covers beyond its
+            candidates (see :func:`~farreid.search.rerank.candidate_rerank`).
+        nprobe, ef: search breadth of ivf / ivfpq / hnsw indexes.
     """
     if queries.dim != index.dim:
         raise ValueError(f"query embeddings of {queries.dim} d, the index holds {index.dim} d")
@@ -105,6 +108,7 @@ def rank(
                 block=block,
                 nprobe=nprobe,
                 ef=ef,
+                expand=expand,
             )
         indices[members], distances[members] = ids[:, :k], dist[:, :k]
     return Ranking(indices, distances)

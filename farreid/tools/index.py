@@ -26,10 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("embeddings", nargs="+", help="`farreid embed --out` folders (embeddings.npz + tracklets.csv)")
     parser.add_argument("--out", required=True, help="the index folder to write")
     parser.add_argument(
-        "--kind", choices=(*KINDS, "auto"), default="auto", help=f"auto: flat up to {EXACT_MAX:,} vectors, else ivfpq"
+        "--kind", choices=(*KINDS, "auto"), default="auto", help=f"auto: flat up to {EXACT_MAX:,} vectors, else ivf"
     )
     parser.add_argument(
-        "--storage", choices=STORAGE, default=None, help="vectors kept as float32/float16 (ivfpq: also pq = codes only)"
+        "--storage",
+        choices=STORAGE,
+        default=None,
+        help="vectors kept as float32 / float16 (the default of ivf, ivfpq) / pq (ivfpq only: codes, no copy)",
     )
     parser.add_argument("--shards", type=int, default=1, help="contiguous row ranges, one FAISS index each")
     parser.add_argument("--seed", type=int, default=0, help="training sample of approximate indexes")

@@ -31,10 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cross-view", action="store_true", help="aerial queries see ground rows and vice versa")
     parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking of each query's candidates")
     parser.add_argument("--rerank-depth", type=int, default=None, help="candidates re-ranked (default max(K, 100))")
+    parser.add_argument(
+        "--no-expand", dest="expand", action="store_false", help="re-rank only the --rerank-depth candidates"
+    )
     parser.add_argument("--k1", type=int, default=20, help="re-ranking k1 (default 20, Zhong et al.)")
     parser.add_argument("--k2", type=int, default=6, help="re-ranking k2 (default 6)")
     parser.add_argument("--lambda", dest="lambda_value", type=float, default=0.3, help="re-ranking lambda (0.3)")
-    parser.add_argument("--nprobe", type=int, default=None, help="ivfpq: lists visited (default: the index's)")
+    parser.add_argument("--nprobe", type=int, default=None, help="ivf, ivfpq: lists visited (default: the index's)")
     parser.add_argument("--ef", type=int, default=None, help="hnsw: search breadth (default: the index's)")
     parser.add_argument("--distributed", action="store_true", help="shards over the ranks of torchrun / srun")
     parser.add_argument("--overwrite", action="store_true", help="replace a ranking already in --out")
@@ -56,6 +59,7 @@ def _run(args) -> str:
         "lambda_value": args.lambda_value,
         "nprobe": args.nprobe,
         "ef": args.ef,
+        "expand": args.expand,
     }
     start = time.perf_counter()
     if args.distributed:
