@@ -106,7 +106,9 @@ def _table(num: int, labels: np.ndarray):
     return table_from_columns((f"t{i:07d}" for i in range(num)), view, pid=labels)
 
 
-def child_archive(num: int, num_query: int, dim: int, dist: str, kind: str, rerank_queries: int, folder: Path) -> dict:
+def child_archive(
+    num: int, num_query: int, dim: int, dist: str, kind: str, rerank_queries: int, rerank_dists, folder: Path
+) -> dict:
     import faiss
 
     from farreid.search import EmbeddingSet, build_index, open_index, rank
@@ -159,7 +161,7 @@ def child_archive(num: int, num_query: int, dim: int, dist: str, kind: str, rera
     index.spec.k_factor = spec.k_factor
     out["sweep"] = sweep
     out["same_id_in_top100"] = float(same.sum(1).mean())
-    if rerank_queries:
+    if rerank_queries and dist in rerank_dists:
         query_set = EmbeddingSet(queries[:rerank_queries], _table(rerank_queries, q_labels[:rerank_queries]))
         with Phase() as rerank:
             rank(index, query_set, 100, rerank=True)
@@ -220,7 +222,9 @@ def _child(args: argparse.Namespace) -> None:
     what, num, dist, kind = args.child
     if what == "archive":
         with tempfile.TemporaryDirectory(prefix="farreid-search-bench-") as folder:
-            result = child_archive(int(num), args.queries, args.dim, dist, kind, args.rerank_queries, Path(folder))
+            result = child_archive(
+                int(num), args.queries, args.dim, dist, kind, args.rerank_queries, args.rerank_dists, Path(folder)
+            )
     else:
         result = child_rerank(int(num), args.queries, args.dim, dist, args.depth)
     print(json.dumps(result))
@@ -228,7 +232,7 @@ def _child(args: argparse.Namespace) -> None:
 
 def run_child(args: argparse.Namespace, *child: str) -> dict:
     options = ["--queries", str(args.queries), "--dim", str(args.dim), "--depth", str(args.depth)]
-    options += ["--rerank-queries", str(args.rerank_queries)]
+    options += ["--rerank-queries", str(args.rerank_queries), "--rerank-dists", *args.rerank_dists]
     load = os.getloadavg()[0]
     done = subprocess.run([sys.executable, __file__, "--child", *child, *options], capture_output=True, text=True)
     if done.returncode:
@@ -278,7 +282,8 @@ def main() -> None:
     parser.add_argument("--dists", nargs="+", default=list(DISTS), choices=list(DISTS))
     parser.add_argument("--kinds", nargs="+", default=["flat", "ivf"], choices=["flat", "ivf", "ivfpq", "hnsw", "auto"])
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--rerank-queries", type=int, default=100, help="queries of the archive re-ranking (0: none)")
+    parser.add_argument("--rerank-queries", type=int, default=10, help="queries of the archive re-ranking (0: none)")
+    parser.add_argument("--rerank-dists", nargs="+", default=["aniso"], help="distributions of the archive re-ranking")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--rerank-size", type=int, default=20_000)
     parser.add_argument("--depth", type=int, default=100)

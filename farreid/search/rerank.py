@@ -29,6 +29,8 @@ from farreid.evaluation.reranking.expansion import query_expansion
 from farreid.evaluation.reranking.jaccard import jaccard_distances
 from farreid.search.index import ArchiveIndex, merge_topk, require_faiss
 
+# Items searched at once for their lists (bounds the vectors and results held: 8,192 x 768 floats = 25 MB).
+SEARCH_BATCH = 8192
 # Hops of neighbour lists computed from the queries and their candidates (see the module docstring).
 HOPS = 2
 
@@ -59,10 +61,12 @@ class _Neighbours:
         return out
 
     def fill(self, items: np.ndarray) -> None:
-        """Neighbour lists for the items that have none yet."""
+        """Neighbour lists for the items that have none yet (in batches of ``SEARCH_BATCH``: bounded memory)."""
         items = items[~self.have[items]]
-        if not len(items):
-            return
+        for start in range(0, len(items), SEARCH_BATCH):
+            self._fill(items[start : start + SEARCH_BATCH])
+
+    def _fill(self, items: np.ndarray) -> None:
         vec = self.vectors(items)
         k_rows = min(self.width, int(self.allowed.sum()) if self.allowed is not None else self.num)
         d_rows, i_rows = self.index.search(vec, k_rows, allowed=self.allowed, **self.kwargs)
@@ -75,8 +79,10 @@ class _Neighbours:
     def maxima(self, items: np.ndarray) -> None:
         """Distance maxima for the items that have none yet (only the rows that get an encoding read them)."""
         items = items[~self.have_max[items]]
-        if not len(items):
-            return
+        for start in range(0, len(items), SEARCH_BATCH):
+            self._maxima(items[start : start + SEARCH_BATCH])
+
+    def _maxima(self, items: np.ndarray) -> None:
         vec = self.vectors(items)
         # Farthest item: the nearest to -v among the rows, and among the queries.
         far_rows, _ = self.index.search(-vec, 1, allowed=self.allowed, **self.kwargs)
