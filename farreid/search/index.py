@@ -37,8 +37,9 @@ from farreid.search.table import TrackletTable
 FORMAT = 1  # the index folder's layout; bumped when it changes
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 STORAGE = ("float32", "float16", "pq")
-# farreid choice: below this many vectors exact search is cheap (1,000 queries x 100k x 768 d: ~1 s on 2 cores).
-EXACT_MAX = 100_000
+# farreid choice, measured (benchmarks/search.py, docs/BENCHMARKS.md): up to 1M vectors exact BLAS search on a CPU is as
+# fast as an ivf index at the nprobe that reaches recall@100 0.99 (and exact); 3 GB at 1M x 768 float32.
+EXACT_MAX = 1_000_000
 # farreid choice, measured (benchmarks/search.py): the IVF lists visited are nlist / NPROBE_DIVISOR, and an ivfpq
 # index re-scores PQ_K_FACTOR x k candidates against its stored vectors.
 NPROBE_DIVISOR = 2
@@ -92,10 +93,10 @@ def _pq_m(dim: int) -> int:
 def choose_spec(num: int, dim: int, kind: str = "auto", storage: str | None = None) -> IndexSpec:
     """The index for ``num`` vectors of ``dim`` dimensions.
 
-    auto: ``flat`` when ``num <= EXACT_MAX`` else ``ivfpq``. ivfpq: nlist = sqrt(num) rounded to a power of two
+    auto: ``flat`` when ``num <= EXACT_MAX`` else ``ivf``. ivf, ivfpq: nlist = sqrt(num) rounded to a power of two
     (the wiki's low end, farreid choice: k-means training on a CPU grows with nlist), at most num / 39 (FAISS wants
     39 training points a centroid); 8-bit PQ codes when num >= 9,984 (39 x 256), fewer bits below; training on
-    min(num, max(64 nlist, 9,984)) vectors; nprobe = nlist / 8 (farreid choice: recall@100 >= 0.99 on the
+    min(num, 64 nlist) vectors (ivfpq: at least 9,984); nprobe = nlist / 2 (farreid choice: recall@100 >= 0.99 on the anisotropic
     distributions of benchmarks/search.py).
     """
     if kind == "auto":
