@@ -3,7 +3,7 @@
 Row i of the table describes row i of the index (what ``farreid embed`` wrote to ``tracklets.csv``). Strings
 (names) sit in one UTF-8 buffer with uint32 offsets (int64 past 4 GB); repeated strings (split, the folder above
 the tracklet, the embedding folder it came from) are stored once and referenced by a code of the narrowest
-unsigned type that holds their count; numbers are typed arrays. A row costs about 35 bytes plus its name, and the
+integer type that holds their count; numbers are typed arrays. A row costs about 35 bytes plus its name, and the
 CSV is read row by row into growing arrays that become the table's without a copy, so building the table never
 holds the whole file as Python objects and peaks close to the table's own size (``benchmarks/scale.py``). On
 disk it is a folder of ``.npy`` files, opened memory-mapped.
