@@ -12,7 +12,9 @@ frame names in the real grammar) and is made of hard links to a few real JPEGs (
 
 1. listing ``train``: a bare ``os.walk`` (the file-system floor), ``list_split`` (no cache), the first cached
    listing (lists and writes the cache), and a cached listing (validates and reads it); all warm (page cache);
-2. the listing's memory: RSS growth of a fresh process per frame, after ``read_split`` (tracklets kept alive);
+2. the listing's memory per frame, each listing (no cache, first cached, cached) in a fresh process: the peak (the
+   RSS high-water mark, VmHWM, above the RSS before; and the tracemalloc peak) and the steady RSS growth (index and
+   tracklets alive); the same per row for ``read_table`` of a generated 1M-row ``tracklets.csv`` (the search table);
 3. worker memory: USS and PSS (from /proc/PID/smaps_rollup) of each of 2 DataLoader workers after the first batch
    and after two epochs over the training tracklets (persistent workers, as ``train_dataloader``);
 4. clip throughput per core, in this process (no workers), T = 8 at 256x128, training augmentation: the previous
@@ -24,7 +26,6 @@ frame names in the real grammar) and is made of hard links to a few real JPEGs (
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import random
@@ -40,6 +41,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.scale_memory import MODES, TABLE_ROWS, make_table
 from farreid.data.dataset import TrackletDataset, relabel
 from farreid.data.detreidx import list_split
 from farreid.data.index_cache import cache_path, cached_split, read_split
@@ -142,24 +144,18 @@ def listing(root: Path, cache_dir: Path) -> None:
     )
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def memory_child(root: str) -> None:
-    """In a fresh process: RSS growth of read_split per frame."""
-    gc.collect()
-    before = _rss()
-    tracklets = read_split(root, "train")
-    gc.collect()
-    grown = _rss() - before
-    frames = sum(len(t.frames) for t in tracklets)
+def memory(root: Path) -> None:
+    """Each listing, and reading a tracklet table of TABLE_ROWS rows, in its own fresh process
+    (benchmarks/scale_memory.py: no torch import to raise the peak first), once for RSS and once under tracemalloc."""
+    make_table(root / "tracklets.csv")
     print(
-        f"  read_split RSS growth: {grown / _MB:.1f} MB for {frames} frames = {grown / frames:.1f} bytes/frame "
-        f"(name table {tracklets[0].frames.table.nbytes / frames:.1f} bytes/frame; "
-        f"x{FULL_FRAMES / frames:.0f} at full size: {grown / frames * FULL_FRAMES / 2**30:.2f} GB)"
+        "listing memory (a fresh process per line; bytes per frame of the index and its tracklets) and the tracklet "
+        f"table of a {TABLE_ROWS:,}-tracklet index (bytes per row):"
     )
+    for trace in (False, True):
+        for mode in [*MODES, "table"]:
+            command = [sys.executable, str(Path(__file__).with_name("scale_memory.py")), str(root), mode]
+            subprocess.run(command + (["--trace"] if trace else []), check=True)
 
 
 # ------------------------------------------------------------------------------------------ worker memory
@@ -320,11 +316,7 @@ def main() -> None:
     parser.add_argument("--tree", type=Path, default=None, help="where the tree goes (default /tmp/farreid-scale-F)")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput measurement")
     parser.add_argument("--skip", nargs="*", default=[], choices=["listing", "memory", "workers", "throughput"])
-    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory_child:
-        memory_child(args.memory_child)
-        return
     root = args.tree or Path(f"/tmp/farreid-scale-{args.fraction:g}")
     cache_dir = root / "index-cache"
     num_tracklets, num_frames = make_tree(root, args.fraction)
@@ -335,8 +327,7 @@ def main() -> None:
     if "listing" not in args.skip:
         listing(root, cache_dir)
     if "memory" not in args.skip:
-        print("listing memory (fresh process):")
-        subprocess.run([sys.executable, __file__, "--memory-child", str(root)], check=True)
+        memory(root)
     if "workers" not in args.skip:
         worker_memory(root, cache_dir)
     if "throughput" not in args.skip:

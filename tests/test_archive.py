@@ -1,11 +1,13 @@
 """farreid.search: indexes against brute force, shards, filters, candidate re-ranking against the dense algorithm,
 the tracklet table, bad input, and the index/search commands (in-process; the console chain is in the slow tier)."""
 
+import csv
 import json
 import os
 import socket
 import subprocess
 import sys
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch
 
 from farreid.evaluation.reranking import re_ranking
 from farreid.search import EmbeddingSet, build_index, candidate_rerank, open_index, rank, read_embeddings
-from farreid.search.table import read_table, table_from_columns
+from farreid.search.table import append_int, as_numpy, read_table, table_from_columns
 from farreid.tools import embed
 from farreid.tools import index as index_tool
 from farreid.tools import search as search_tool
@@ -158,6 +160,29 @@ def test_tracklet_table_round_trip_and_size(tmp_path):
     per_row = [*table.numbers.values(), table.view, *table.codes.values(), table.names.offsets]
     assert sum(a.nbytes for a in per_row) <= 48 * len(table)  # besides the name: numbers, codes, offset
     assert len(table.values["parent"]) == 10  # the folder above a tracklet is stored once per PID folder
+
+
+def test_tracklet_table_columns_widen_only_when_values_need_it(tmp_path):
+    """Codes start as uint8 and widen past 256 distinct values; every row still reads back as the CSV says."""
+    folder = write_embed_output(tmp_path / "emb", clustered(1500, 8, seed=4))  # 300 parent folders
+    table = read_table(folder / "tracklets.csv", source="s")
+    with open(folder / "tracklets.csv", newline="") as f:
+        expected = list(csv.DictReader(f))
+    assert [table.row(i)["folder"] for i in range(1500)] == [r["folder"] for r in expected]
+    assert [table.row(i)["pid"] for i in range(1500)] == [int(r["pid"]) for r in expected]
+    assert table.codes["parent"].dtype == np.uint16 and table.codes["split"].dtype == np.uint8
+    assert table.names.offsets.dtype == np.uint32 and len(table.values["parent"]) == 300
+    both = type(table).concat([table, table])
+    assert [both.row(i) for i in (0, 1499, 1500, 2999)] == [table.row(i) for i in (0, 1499, 0, 1499)]
+    table.save(tmp_path / "t")
+    again = type(table).load(tmp_path / "t")
+    assert [again.row(i) for i in range(0, 1500, 7)] == [table.row(i) for i in range(0, 1500, 7)]
+    columns = {"a": array("B"), "b": array("I")}
+    for value in (3, 255, 256, 65_536):
+        append_int(columns, "a", value)
+    append_int(columns, "b", 2**32)
+    assert columns["a"].typecode == "i" and list(columns["a"]) == [3, 255, 256, 65_536]
+    assert columns["b"].typecode == "q" and as_numpy(columns["b"]).tolist() == [2**32]
 
 
 def test_bad_input_is_one_clear_error(tmp_path):

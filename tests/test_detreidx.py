@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 
 from farreid.data.detreidx import CASES, case_split, list_split, parse_frame_name
 from farreid.data.index_cache import read_split
-from farreid.data.tracklets import FrameMeta, Tracklet
+from farreid.data.tracklets import FrameMeta, FrameNamesBuilder, NumberedFrames, Tracklet, number_pattern
 
 GROUND = "0024_5453_G01_000123.jpg"
 AERIAL_S1 = "0024_5454_D1_S1_00_000_35.5_80.0_60_1_000007.jpg"
@@ -151,8 +153,80 @@ def test_frames_are_a_compact_sequence_of_paths(tmp_path):
     with pytest.raises(IndexError):
         first.frames[4]
     index = list_split(tmp_path, "train")
-    # One byte per name character, a NUL and a 4-byte offset: no Python object per frame.
-    assert index.names.nbytes == sum(len(n.encode()) + 1 + 4 for n in names + [GROUND])
+    # The first tracklet's names differ in more than the number: stored as they are, one byte per name character,
+    # a NUL and a 4-byte offset. The second is a prefix, a suffix and a 4-byte number. No Python object per frame.
+    assert index.names.width.tolist() == [0, 6] and index.names.prefix == ["", GROUND[:-10]]
+    per_tracklet = 2 * (8 + 8 + 1)  # first, count, width
+    assert index.names.nbytes == sum(len(n.encode()) + 1 + 4 for n in names) + 4 + per_tracklet
+
+
+# Tracklets of names that share everything but the last run of digits (stored as numbers), and names that do not.
+NUMBERED = {
+    "ground": [f"0001_7_G01_{i:06d}.jpg" for i in (0, 1, 2, 5, 999_999)],
+    "aerial": [f"0001_8_D1_S1_00_000_35.5_80.0_60_1_{i:06d}.jpg" for i in range(3)],
+    "unpadded, equal widths": ["f10.png", "f11.png", "f99.png"],
+    "no suffix digits": ["0001C1T0001F001.jpg", "0001C1T0001F002.jpg"],
+    "number then text": ["x_001_a.jpg", "x_002_a.jpg"],
+    "non-ASCII prefix": ["é_01.jpg", "é_02.jpg"],
+    "nine digits": ["a999999999.jpg", "a000000000.jpg"],
+    "one name": ["0003_1_G01_000042.jpg"],
+}
+EXACT = {
+    "one name unpadded": ["f9.jpg", "f10.jpg"],  # sorted as strings; widths differ
+    "another prefix": ["0001_7_G01_000001.jpg", "0001_8_G01_000002.jpg"],
+    "another suffix": ["0001_7_G01_000001.jpg", "0001_7_G01_000002.JPG"],
+    "no digits": ["frame.jpg", "other.jpg"],
+    "ten digits": ["a1234567890.jpg", "a1234567891.jpg"],
+    "a digit more inside": ["a_1_01.jpg", "a_12_01.jpg"],
+    "non-ASCII digit": ["a_01.jpg", "a_0\u0661.jpg"],
+    "same length, other bytes": ["a_01.jpg", "b_01.jpg"],
+}
+
+
+def test_frame_names_are_numbers_where_they_fit_and_exact_elsewhere():
+    """Every tracklet gives back its names exactly, as paths; only those that fit a number pattern are numbers."""
+    cases = {**NUMBERED, **EXACT}
+    builder = FrameNamesBuilder()
+    for names in cases.values():
+        builder.add(names)
+    store = builder.build()
+    for i, (what, names) in enumerate(cases.items()):
+        frames = store.frames(i, f"/data/{i}")
+        assert list(frames) == [f"/data/{i}/{n}" for n in names], what
+        assert [frames.name(j) for j in range(len(names))] == names, what
+        assert isinstance(frames, NumberedFrames) == (what in NUMBERED), what
+    assert len(store) == sum(len(n) for n in cases.values())
+    assert len(store.numbers) == sum(len(n) for n in NUMBERED.values())  # one uint32 per numbered frame
+    assert number_pattern(NUMBERED["ground"], os.fsencode("\0".join(NUMBERED["ground"])))[:2] == ("0001_7_G01_", ".jpg")
+
+
+def test_listing_round_trips_names_of_every_shape_and_pickles(tmp_path, monkeypatch):
+    """list_split gives each folder's sorted names back exactly; tracklets pickle (spawned DataLoader workers) and
+    the cache file (its format version) gives the same frames back."""
+    for i, names in enumerate([*NUMBERED.values(), *EXACT.values()]):
+        make_tracklet(tmp_path / "data", "train", "0001", f"t{i:02d}", names)
+    tracklets = read_split(tmp_path / "data", "train")
+    for tracklet in tracklets:
+        folder = tmp_path / "data" / "train" / "0001" / tracklet.name
+        assert list(tracklet.frames) == [str(folder / n) for n in sorted(os.listdir(folder))]
+    index = list_split(tmp_path / "data", "train")
+    assert (index.names.width > 0).sum() == len(NUMBERED) and (index.names.width == 0).sum() == len(EXACT)
+    again = pickle.loads(pickle.dumps(tracklets))
+    assert again == tracklets and [list(t.frames) for t in again] == [list(t.frames) for t in tracklets]
+    assert [type(t.frames) for t in again] == [type(t.frames) for t in tracklets]
+    assert hash(again[0].frames) == hash(tracklets[0].frames)
+    import farreid.data.index_cache as index_cache
+
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    monkeypatch.setattr(index_cache, "_VERSION", 1)  # a cache file of the previous format is not trusted
+    read_split(root, "train", cache_dir=cache)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="stale .*cache format 1"):
+        written = read_split(root, "train", cache_dir=cache)
+    monkeypatch.setattr(index_cache, "list_split", None)  # the next read must come from the cache file
+    cached = read_split(root, "train", cache_dir=cache)
+    assert cached == written == tracklets and [list(t.frames) for t in cached] == [list(t.frames) for t in tracklets]
+    assert [type(t.frames) for t in cached] == [type(t.frames) for t in tracklets]
 
 
 def test_index_cache_is_reused_rebuilt_when_stale_and_survives_damage(tmp_path, monkeypatch):

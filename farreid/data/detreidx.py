@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from farreid.data.tracklets import IMAGE_SUFFIXES, FrameMeta, NameTable, SplitIndex
+from farreid.data.tracklets import IMAGE_SUFFIXES, FrameMeta, FrameNamesBuilder, SplitIndex
 
 CASES: dict[str, str] = {
     "A2G": "case1_aerial_to_ground",
@@ -168,10 +168,9 @@ def list_split(root: str | os.PathLike, split: str) -> SplitIndex:
     split_path = check_split(root, split)
     folders: list[str] = []
     meta: list[tuple[int, int, bool, float, float, float]] = []
-    counts: list[int] = []
     empty: list[str] = []
     stray: list[str] = []
-    buffer = bytearray()
+    names = FrameNamesBuilder()
     for pid_name in _sorted_dirs(split_path, stray):
         pid_path = os.path.join(split_path, pid_name)
         try:
@@ -192,15 +191,10 @@ def list_split(root: str | os.PathLike, split: str) -> SplitIndex:
             first = _check_camera(path, frames, joined)
             folders.append(f"{pid_name}/{name}")
             meta.append((pid, first.camid, first.view == "aerial", first.altitude, first.distance, first.angle))
-            counts.append(len(frames))
-            buffer += os.fsencode(joined + "\0")  # a NUL after every name
+            names.add(frames, os.fsencode(joined))
     if not folders:
         raise ValueError(f"split {split!r} under {root} holds no tracklet; expected layout: {EXPECTED_LAYOUT}")
-    names = np.frombuffer(buffer, dtype=np.uint8)  # shares the bytearray: no copy
-    ends = np.flatnonzero(names == 0)
-    ends = ends.astype(np.uint32) if len(names) < 2**32 else ends
     _release_free_heap()
-    count = np.asarray(counts, dtype=np.int64)
     columns = list(zip(*meta, strict=True))
     return SplitIndex(
         split_path=split_path,
@@ -211,9 +205,7 @@ def list_split(root: str | os.PathLike, split: str) -> SplitIndex:
         altitude=np.asarray(columns[3], dtype=np.float64),
         distance=np.asarray(columns[4], dtype=np.float64),
         angle=np.asarray(columns[5], dtype=np.float64),
-        first=np.cumsum(count) - count,
-        count=count,
-        names=NameTable(names, ends),
+        names=names.build(),
         empty=empty,
         stray=stray,
     )

@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from farreid.data.detreidx import check_split, list_split
-from farreid.data.tracklets import NameTable, SplitIndex, Tracklet
+from farreid.data.tracklets import FrameNames, NameTable, SplitIndex, Tracklet
 
 log = logging.getLogger(__name__)
-_VERSION = 1  # bump when the file's contents change meaning
-_ARRAYS = ("pid", "camid", "aerial", "altitude", "distance", "angle", "first", "count")
+_VERSION = 2  # bump when the file's contents change meaning (2: frame names as number patterns, FrameNames)
+_ARRAYS = ("pid", "camid", "aerial", "altitude", "distance", "angle")
+_NAME_ARRAYS = ("first", "count", "width", "numbers")
 
 
 def default_cache_dir() -> Path:
@@ -63,15 +64,20 @@ def _join(strings: list[str]) -> np.ndarray:
     return np.frombuffer(os.fsencode("\0".join(strings)), dtype=np.uint8)
 
 
-def _split(array: np.ndarray) -> list[str]:
-    return os.fsdecode(array.tobytes()).split("\0") if array.size else []
+def _split(array: np.ndarray, count: int | None = None) -> list[str]:
+    """The strings of :func:`_join`; ``count`` tells one empty string from none (both are an empty buffer)."""
+    if not array.size:
+        return [""] * (count or 0)
+    return os.fsdecode(array.tobytes()).split("\0")
 
 
 def save_index(index: SplitIndex, stamp: str, path: Path) -> None:
     """Write ``index`` and its folder ``stamp`` to ``path`` atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = [getattr(index, name) for name in _ARRAYS] + [index.names.buffer, index.names.ends]
-    arrays += [_join(strings) for strings in (index.folders, index.empty, index.stray)]
+    names = index.names
+    arrays = [getattr(index, name) for name in _ARRAYS] + [getattr(names, name) for name in _NAME_ARRAYS]
+    arrays += [names.exact.buffer, names.exact.ends]
+    arrays += [_join(strings) for strings in (index.folders, index.empty, index.stray, names.prefix, names.suffix)]
     header = np.array([str(_VERSION), stamp, index.split_path])
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False) as f:
         tmp = f.name
@@ -92,12 +98,20 @@ def load_index(path: Path, stamp: str, split_path: str) -> tuple[SplitIndex | No
             if saved_stamp != stamp:
                 return None, "folder modification times changed"
             arrays = {name: np.load(f, allow_pickle=False) for name in _ARRAYS}
-            names = NameTable(np.load(f, allow_pickle=False), np.load(f, allow_pickle=False))
+            fields = {name: np.load(f, allow_pickle=False) for name in _NAME_ARRAYS}
+            exact = NameTable(np.load(f, allow_pickle=False), np.load(f, allow_pickle=False))
             lists = {name: _split(np.load(f, allow_pickle=False)) for name in ("folders", "empty", "stray")}
-        if len({len(a) for a in arrays.values()} | {len(lists["folders"])}) != 1 or len(names.ends) != int(
-            arrays["count"].sum()
+            tracklets = len(lists["folders"])
+            patterns = {name: _split(np.load(f, allow_pickle=False), tracklets) for name in ("prefix", "suffix")}
+        numbered = fields["width"] > 0
+        per_tracklet = [*arrays.values(), fields["first"], fields["count"], fields["width"], *patterns.values()]
+        if (
+            {len(a) for a in per_tracklet} != {tracklets}
+            or len(exact.ends) != int(fields["count"][~numbered].sum())
+            or len(fields["numbers"]) != int(fields["count"][numbered].sum())
         ):
             return None, "inconsistent cache contents"
+        names = FrameNames(exact=exact, **fields, **patterns)
     except (OSError, ValueError, EOFError) as err:  # a damaged file is rebuilt, never trusted
         return None, f"unreadable cache ({type(err).__name__}: {err})"
     return SplitIndex(split_path=split_path, names=names, **arrays, **lists), "cached"

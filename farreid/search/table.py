@@ -1,10 +1,12 @@
 """The tracklet table beside an index: one row per vector, held as flat column arrays (no Python object per row).
 
 Row i of the table describes row i of the index (what ``farreid embed`` wrote to ``tracklets.csv``). Strings
-(names) sit in one UTF-8 buffer with int64 offsets; repeated strings (split, the folder above the tracklet, the
-embedding folder it came from) are stored once and referenced by an int32 code; numbers are typed arrays. A
-row costs about 45 bytes plus its name, and the CSV is read row by row, so building the table never holds the
-whole file as Python objects. On disk it is a folder of ``.npy`` files, opened memory-mapped.
+(names) sit in one UTF-8 buffer with uint32 offsets (int64 past 4 GB); repeated strings (split, the folder above
+the tracklet, the embedding folder it came from) are stored once and referenced by a code of the narrowest
+integer type that holds their count; numbers are typed arrays. A row costs about 35 bytes plus its name, and the
+CSV is read row by row into growing arrays that become the table's without a copy, so building the table never
+holds the whole file as Python objects and peaks close to the table's own size (``benchmarks/scale.py``). On
+disk it is a folder of ``.npy`` files, opened memory-mapped.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ NUMBERS = {
     "pitch": (np.float32, "f", float),
     "num_frames": (np.int32, "i", int),
 }
-CODED = ("split", "parent", "source")  # strings stored once, referenced by an int32 code per row
+CODED = ("split", "parent", "source")  # strings stored once, referenced by a code per row (narrow_codes)
 REQUIRED = ("index", "split", "name", "pid", "camid", "view", *NUMBERS.keys() - {"pid", "camid"}, "folder")
 
 
@@ -38,15 +40,16 @@ class Strings:
     __slots__ = ("buffer", "offsets")
 
     def __init__(self, buffer: np.ndarray, offsets: np.ndarray) -> None:
-        self.buffer, self.offsets = buffer, offsets  # (bytes,) uint8, (n + 1,) int64
+        # (bytes,) uint8; (n + 1,) uint32, or int64 for a buffer of 4 GB or more
+        self.buffer, self.offsets = buffer, offsets
 
     @classmethod
     def build(cls, values: Iterable[str]) -> Strings:
-        data, offsets = bytearray(), array("q", [0])
+        data, columns = bytearray(), {"offsets": array("I", [0])}
         for value in values:
             data += value.encode("utf-8", "surrogateescape")
-            offsets.append(len(data))
-        return cls(np.frombuffer(bytes(data), dtype=np.uint8), np.frombuffer(offsets, dtype=np.int64))
+            append_int(columns, "offsets", len(data))
+        return cls(np.frombuffer(data, dtype=np.uint8), as_numpy(columns["offsets"]))  # shared: no copy
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -72,7 +75,7 @@ class TrackletTable:
         numbers: ``pid``, ``camid``, ``altitude``, ``distance``, ``pitch``, ``num_frames`` arrays (see NUMBERS).
         view: int8 codes into VIEWS.
         codes: ``split``, ``parent`` (the folder above the tracklet folder) and ``source`` (the embedding folder)
-            int32 codes into ``values``.
+            codes into ``values`` (uint8, uint16 or int32 arrays, as the number of values needs).
         values: the distinct strings of each coded column.
     """
 
@@ -166,8 +169,11 @@ class TrackletTable:
         for k in CODED:
             merged = sorted({v for t in tables for v in t.values[k]})
             lookup = {v: i for i, v in enumerate(merged)}
-            codes[k] = np.concatenate(
-                [np.array([lookup[v] for v in t.values[k]], dtype=np.int32)[t.codes[k]] for t in tables]
+            codes[k] = narrow_codes(
+                np.concatenate(
+                    [np.array([lookup[v] for v in t.values[k]], dtype=np.int32)[t.codes[k]] for t in tables]
+                ),
+                len(merged),
             )
             values[k] = merged
         return cls(names, numbers, np.concatenate([t.view for t in tables]), codes, values)
@@ -194,9 +200,8 @@ def read_table(path: str | os.PathLike, source: str) -> TrackletTable:
             raise ValueError(f"{path}: missing columns {missing}: expected the tracklets.csv of `farreid embed`")
         at = {c: header.index(c) for c in header}
         names, views = bytearray(), array("b")
-        offsets = array("q", [0])
         numbers = {k: array(code) for k, (_, code, _) in NUMBERS.items()}
-        coded = {k: array("i") for k in CODED}
+        coded = {"offsets": array("I", [0])} | {k: array("B") for k in CODED}  # widened when a value needs it
         lookups: dict[str, dict[str, int]] = {k: {} for k in CODED}
         for row_number, row in enumerate(reader):
             line = row_number + 2
@@ -220,17 +225,44 @@ def read_table(path: str | os.PathLike, source: str) -> TrackletTable:
             except ValueError as err:
                 raise ValueError(f"{path}:{line}: {err}") from None
             for key, value in (("split", row[at["split"]]), ("parent", os.path.dirname(folder)), ("source", source)):
-                coded[key].append(lookups[key].setdefault(value, len(lookups[key])))
+                append_int(coded, key, lookups[key].setdefault(value, len(lookups[key])))
             names += name.encode("utf-8", "surrogateescape")
-            offsets.append(len(names))
+            append_int(coded, "offsets", len(names))
             views.append(VIEWS.index(view))
+    # The arrays share the memory of the bytearray and the arrays filled above: no copy, so no second table at once.
     return TrackletTable(
-        names=Strings(np.frombuffer(bytes(names), dtype=np.uint8), np.frombuffer(offsets, dtype=np.int64)),
+        names=Strings(np.frombuffer(names, dtype=np.uint8), as_numpy(coded["offsets"])),
         numbers={k: np.frombuffer(numbers[k], dtype=NUMBERS[k][0]) for k in NUMBERS},
         view=np.frombuffer(views, dtype=np.int8),
-        codes={k: np.frombuffer(coded[k], dtype=np.int32) for k in CODED},
+        codes={k: as_numpy(coded[k]) for k in CODED},
         values={k: list(lookups[k]) for k in CODED},
     )
+
+
+_WIDER = {"B": "H", "H": "i", "I": "q"}  # array typecodes: uint8 -> uint16 -> int32, uint32 -> int64
+_LIMIT = {"B": 2**8 - 1, "H": 2**16 - 1, "I": 2**32 - 1}
+
+
+def append_int(columns: dict[str, array], key: str, value: int) -> None:
+    """Append ``value`` (>= 0) to ``columns[key]``, first widening the column to the next type when it needs it
+    (once or twice per column: the arrays stay as narrow as their values)."""
+    column = columns[key]
+    if value > _LIMIT.get(column.typecode, value):
+        column = columns[key] = array(_WIDER[column.typecode], column)
+    column.append(value)
+
+
+def as_numpy(column: array) -> np.ndarray:
+    """The NumPy view of an integer ``array`` (its memory, its type)."""
+    return np.frombuffer(column, dtype=np.dtype(column.typecode))
+
+
+def narrow_codes(codes: np.ndarray, num_values: int) -> np.ndarray:
+    """``codes`` (indices below ``num_values``) as uint8 or uint16 when that holds them, else as they are."""
+    for dtype in (np.uint8, np.uint16):
+        if num_values <= np.iinfo(dtype).max + 1:
+            return codes.astype(dtype)
+    return codes
 
 
 def table_from_columns(
@@ -252,5 +284,5 @@ def table_from_columns(
     if len(view_codes) != len(names):
         raise ValueError(f"{len(names)} names but {len(view_codes)} views")
     columns = {k: np.asarray(numbers.get(k, np.zeros(len(names))), dtype=NUMBERS[k][0]) for k in NUMBERS}
-    codes = {k: np.zeros(len(names), dtype=np.int32) for k in CODED}
+    codes = {k: np.zeros(len(names), dtype=np.uint8) for k in CODED}  # one value each
     return TrackletTable(names, columns, view_codes, codes, {"split": [split], "parent": [parent], "source": [source]})

@@ -28,7 +28,7 @@ from typing import ClassVar
 import numpy as np
 
 from farreid.data.protocols import EvalSet
-from farreid.data.tracklets import FrameList, NameTable, Tracklet
+from farreid.data.tracklets import FrameNamesBuilder, Tracklet
 
 GROUND_PROMPT, AERIAL_PROMPT = 0, 1
 _HDF5 = b"\x89HDF\r\n\x1a\n"
@@ -101,7 +101,7 @@ def tracklets_from_names(
     tracklet_names: Sequence[str] | None = None,
 ) -> list[Tracklet]:
     """Tracklets whose frames are contiguous runs of one name list (the MARS ``info/*_name.txt`` convention),
-    stored as one compact :class:`NameTable` (no Python string per frame once built).
+    stored compactly (:class:`~farreid.data.tracklets.FrameNames`: no Python string per frame once built).
 
     Args:
         names: every frame name of the split, in file order.
@@ -110,13 +110,14 @@ def tracklets_from_names(
         meta: per tracklet, (pid, camid, view).
         tracklet_names: per tracklet, the name shown in reports; default: the first frame's stem.
     """
-    buffer = np.frombuffer(os.fsencode("\0".join(names) + "\0"), dtype=np.uint8)
-    ends = np.flatnonzero(buffer == 0)
-    table = NameTable(buffer, ends.astype(np.uint32) if len(buffer) < 2**32 else ends)
+    builder = FrameNamesBuilder()
+    for first, count in spans:
+        builder.add(names[first : first + count])
+    table = builder.build()
     out = []
-    for i, ((first, count), folder, (pid, camid, view)) in enumerate(zip(spans, folders, meta, strict=True)):
+    for i, ((first, _), folder, (pid, camid, view)) in enumerate(zip(spans, folders, meta, strict=True)):
         name = tracklet_names[i] if tracklet_names is not None else os.path.splitext(names[first])[0]
-        frames = FrameList(folder, table, first, count)
+        frames = table.frames(i, folder)
         out.append(Tracklet(pid, camid, view, 0.0, 0.0, 0.0, name, frames))
     return out
 
