@@ -42,8 +42,9 @@ class TrackletDataset(Dataset):
 
     Items are dicts: ``frames`` (T, 3, H, W) uint8, ``mask`` (T,) bool (False on padding repeats), ``valid``
     bool, ``label`` int (-1 without labels), ``pid`` int, ``camid`` int, ``index`` int (the tracklet's position in
-    ``tracklets``), ``item`` int (the row; equals ``index`` unless ``dense``), ``geometry`` (3,) float32 normalised altitude, distance,
-    pitch and ``geometry_known`` (3,) bool (:mod:`farreid.data.geometry`) and, when training, ``aug``
+    ``tracklets``), ``item`` int (the row; equals ``index`` unless ``dense``), ``geometry`` (3,) float32
+    normalised altitude, distance, pitch and ``geometry_known`` (3,) bool (:mod:`farreid.data.geometry`) and, when
+    training, ``aug``
     (NUM_PARAMS,) float32, the tracklet's augmentation parameters for :meth:`TrackletTransform.augment`.
 
     An item key is a row ``i`` or a pair ``(i, seed)``: with a seed the item's generator is ``random.Random(seed)``

@@ -160,7 +160,7 @@ class CSVGeometry(GeometrySource):
         extra = sorted(rows.keys() - names)
         if extra:
             raise ValueError(
-                f"{self.path}: {len(extra)} rows name tracklets that are not in the dataset, e.g. {', '.join(extra[:3])}"
+                f"{self.path}: {len(extra)} rows name tracklets not in the dataset, e.g. {', '.join(extra[:3])}"
             )
         return np.array([rows[t.name] for t in tracklets], dtype=np.float64).reshape(-1, len(QUANTITIES))
 

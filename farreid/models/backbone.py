@@ -35,8 +35,15 @@ from farreid.models.prompts import CameraPrompts, ZeroGatedPromptAttention
 _TEXT_KEYS = ("text_model.", "text_projection.", "logit_scale")
 # Modules added on top of CLIP: always trainable, full learning rate.
 _NEW_MODULES = frozenset(
-    {"intra_adapter", "cross_frame_adapter", "prompt_attention", "camera_prompts", "geometry_encoder",
-     "geometry_prompts", "geometry_qk"}
+    {
+        "intra_adapter",
+        "cross_frame_adapter",
+        "prompt_attention",
+        "camera_prompts",
+        "geometry_encoder",
+        "geometry_prompts",
+        "geometry_qk",
+    }
 )
 _EXPECTED_DIR = "a local directory saved by CLIPModel, CLIPVisionModel or CLIPVisionModelWithProjection.save_pretrained"
 

@@ -66,7 +66,6 @@ class GeometryEncoder(nn.Module):
         codes = torch.where(known.unsqueeze(-1), codes, self.unknown.unsqueeze(0).to(codes.dtype))
         return self.mlp(codes.flatten(1))  # (B, 3, E) -> (B, 3E) -> (B, E)
 
-
     def codes(self, batch: int, values: torch.Tensor | None, known: torch.Tensor | None) -> torch.Tensor:
         """(B, E) codes of a batch of B tracklets; ``values`` None means all unknown (a dataset without geometry)."""
         if values is None:

@@ -142,7 +142,7 @@ class AGVPReID(VideoReIDDataset):
         name = os.path.basename(tracklet.frames[0])
         match = AGVPREID_NAME.match(name)
         if match is None:
-            raise ValueError(f"frame {tracklet.frames[0]}: {name!r} is not an AG-VPReID name P<pid>T<date>A<alt>C<cam>...")
+            raise ValueError(f"frame {tracklet.frames[0]}: {name!r} is not an AG-VPReID name P<pid>T<date>A<alt>...")
         return (int(match.group(3)) * self.altitude_unit_m, math.nan, math.nan)
 
     def _read(self, split: str) -> list[Tracklet]:
