@@ -12,8 +12,8 @@ systematic colour cast and darkening that grow with altitude, distance and pitch
 foreshortening and haze, and :data:`HELD_OUT_CELLS`, (altitude bin, distance bin, pitch) combinations that no
 training tracklet has and that make up ``held_out_share`` of the test identities' aerial tracklets.
 
-Usage: ``python -m farreid.data.synthetic ROOT [--seed 0] [--anonymize] [--preset geometry]``; ``--layout mars`` (or agvpreid, g2a,
-lsvid, ilidsvid, prid, dukevideo) writes the same kind of people in another dataset's layout
+Usage: ``python -m farreid.data.synthetic ROOT [--seed 0] [--anonymize] [--preset geometry]``; ``--layout mars``
+(or agvpreid, g2a, lsvid, ilidsvid, prid, dukevideo) writes the same kind of people in another dataset's layout
 (:mod:`farreid.data.layouts`).
 """
 
@@ -33,7 +33,7 @@ from farreid.data.layouts import LAYOUTS, write_layout
 from farreid.data.render import TrackletSpec, render_tracklet, sample_people, second_session
 
 # The reporting bins of farreid.evaluation.queries (ALTITUDE_BINS, DISTANCE_BINS), repeated here because data/ does
-# not import evaluation/ (tests/test_geometry_data.py checks that they agree).
+# not import evaluation/ (tests/test_geometry.py checks that they agree).
 ALTITUDE_EDGES = (0.0, 20.0, 40.0, 60.0, 80.0, 200.0)
 DISTANCE_EDGES = (0.0, 30.0, 60.0, 90.0, 200.0)
 # (altitude bin, distance bin, pitch): combinations held out of training by the geometry preset (farreid choice:
@@ -44,7 +44,7 @@ PRESETS = {"geometry": {"geometry_strength": 1.0, "held_out_share": 0.4}}
 
 
 def geometry_cell(altitude: float, distance: float, pitch: int) -> tuple[int, int, int]:
-    """(altitude bin, distance bin, pitch) of an aerial tracklet, bins as :data:`ALTITUDE_EDGES`/:data:`DISTANCE_EDGES`."""
+    """(altitude bin, distance bin, pitch) of an aerial tracklet, binned by ALTITUDE_EDGES and DISTANCE_EDGES."""
     return (
         int(np.searchsorted(ALTITUDE_EDGES, altitude, side="right")) - 1,
         int(np.searchsorted(DISTANCE_EDGES, distance, side="right")) - 1,
