@@ -15,6 +15,7 @@ from farreid.data.dataset import TrackletDataset
 from farreid.data.geometry import Geometry
 from farreid.data.index_cache import read_split
 from farreid.data.transforms import TrackletTransform, normalize_clip
+from farreid.runs import last_checkpoint
 from farreid.tools import embed, export
 from tests import geometry_stand_in
 from tests.conftest import TINY_RUN
@@ -129,6 +130,7 @@ def test_export_takes_geometry_and_matches_pytorch(fits, tmp_path):
     np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-6)  # an unknown one does not
 
 
+@pytest.mark.slow
 def test_predicted_geometry_source_inside_a_fit(release, tmp_path):
     ckpt = geometry_stand_in.save(tmp_path / "stand_in.pt")
     source = '{"class_path": "farreid.data.geometry_predictor.PredictedGeometry", "init_args": {"checkpoint": "%s", '
@@ -181,3 +183,24 @@ def test_console_script_fits_tests_and_embeds_with_both_switches(release, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     with np.load(out / "embeddings.npz") as saved_emb:
         assert saved_emb["embeddings"].shape[0] == len(read_split(release, QUERY))
+
+
+@pytest.mark.slow
+def test_embed_reads_a_geometry_sidecar_and_rejects_a_wrong_one(fits, release, tmp_path, capsys):
+    from farreid.data.geometry import CSVGeometry
+
+    model, (size, t) = fits["qk"][0].model.eval(), _clip(fits["qk"][0])
+    tracklets = read_split(release, QUERY)
+    sidecar = tmp_path / "geo.csv"
+    sidecar.write_text("tracklet,altitude,distance,pitch\n" + "".join(f"{x.name},140,5,10\n" for x in tracklets))
+    kw = dict(image_size=size, num_frames=t, batch_size=4)
+    _, names = embed.embed_folder(model, release / QUERY, **kw)
+    rows, csv_geometry = embed.embed_folder(model, release / QUERY, geometry=CSVGeometry(str(sidecar)), **kw)
+    aerial = np.array([r["view"] == "aerial" for r in rows])
+    assert np.abs(csv_geometry[aerial] - names[aerial]).max() > 1e-4  # the sidecar's numbers were used
+    # The CLI flag; a sidecar lacking a tracklet of the folder is a one-line error and nothing is written.
+    ckpt = str(last_checkpoint(fits["qk"][0].trainer))
+    sidecar.write_text("tracklet,altitude,distance,pitch\n" + "".join(f"{x.name},140,5,10\n" for x in tracklets[1:]))
+    code = embed.main([ckpt, str(release / QUERY), "--out", str(tmp_path / "o"), "--geometry-csv", str(sidecar)])
+    assert code == 2 and f"no row for 1 tracklets of the dataset, e.g. {tracklets[0].name}" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "embeddings.npz").exists()
