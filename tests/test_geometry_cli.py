@@ -148,7 +148,8 @@ def test_predicted_geometry_source_inside_a_fit(release, tmp_path):
 
 @pytest.mark.slow
 def test_console_script_fits_tests_and_embeds_with_both_switches(release, tmp_path):
-    """The ablation configs on the demo recipe through the installed `farreid` script: fit, test, embed."""
+    """The ablation configs' demo command (both switches; shrunk to 2 steps) through the installed `farreid` script:
+    fit, test, embed."""
     script = str(Path(sys.executable).with_name("farreid"))
     configs = ["--config", str(CONFIGS / "demo.yaml"), *SWITCHES["prompts"], *SWITCHES["qk"]]
     common = [*configs, "--data.root", str(release), "--trainer.default_root_dir", str(tmp_path / "run")]
