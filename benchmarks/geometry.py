@@ -13,7 +13,8 @@ from scratch) with the ablation configs of ``configs/ablations/`` added; nothing
 a seed. Validation is off (no identities carved out of training) and the weights at the end of training are tested.
 Prints per variant: pooled test mAP (plain ranking), mAP of aerial queries per altitude and distance bin and in the
 held-out vs seen geometry cells, paired differences against ``base`` per seed, the added parameters and the time of
-a training forward+backward pass on one fixed batch. ``--out`` keeps every figure as JSON.
+a training forward+backward pass on one fixed batch. ``--out`` keeps every figure as JSON. ``--cost`` only times
+the four backbones in turns on one random batch (the fairer step-time comparison on a shared machine).
 """
 
 from __future__ import annotations
@@ -89,6 +90,46 @@ def step_seconds(module: torch.nn.Module, batch: dict, repeats: int = 5) -> floa
         times.append(time.perf_counter() - start)
         module.zero_grad(set_to_none=True)
     return float(np.median(times[1:]))
+
+
+def cost(rounds: int = 10, threads: int = 1) -> str:
+    """Parameters and forward+backward time of the four backbones of ``configs/demo.yaml`` on one random batch
+    (32 clips of 4 frames, 64x32), timed in turns within each round so that a shared machine's load falls on all."""
+    import yaml
+
+    from farreid.models.backbone import CLIPVisionBackbone
+
+    torch.set_num_threads(threads)
+    base = yaml.safe_load(Path("configs/demo.yaml").read_text())["model"]["backbone"]["init_args"]
+    models = {}
+    for name, files in VARIANTS.items():
+        kw = dict(base)
+        for f in files:
+            kw.update(yaml.safe_load(Path(ABLATIONS, f).read_text())["model"]["backbone"]["init_args"])
+        torch.manual_seed(0)
+        models[name] = CLIPVisionBackbone(**kw).train()
+    frames, camids = torch.randn(32, 4, 3, 64, 32), torch.randint(0, 3, (32,))
+    geometry, known = torch.rand(32, 3), camids.ne(0).unsqueeze(1).expand(32, 3)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(rounds + 1):  # round 0 is a warm-up
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.forward_features(frames, camids, geometry, known).cls.sum().backward()
+            model.zero_grad(set_to_none=True)
+            if r:
+                times[name].append(time.perf_counter() - start)
+    lines = [
+        "| variant | parameters | added | forward+backward s (median) | vs base |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    count = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
+    for name in models:
+        median = np.median(times[name])
+        added = count[name] - count["base"]
+        lines.append(
+            f"| {name} | {count[name]:,} | {added:,} | {median:.3f} | {median / np.median(times['base']):.2f}x |"
+        )
+    return "\n".join(lines)
 
 
 def run(root: Path, variant: str, seed: int, epochs: int, extra: list[str]) -> dict:
@@ -167,7 +208,11 @@ def main_cli() -> None:
     parser.add_argument("--epochs", type=int, default=14)
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=None, help="write every figure here as JSON")
+    parser.add_argument("--cost", action="store_true", help="only the parameter and step-time cost (no training)")
     args, extra = parser.parse_known_args()
+    if args.cost:
+        print(cost())
+        return
     ensure_preset(args.root)
     table: dict[str, list[dict]] = {name: [] for name in args.variants}
     for s, seed in enumerate(args.seeds):
