@@ -96,6 +96,9 @@ class ReIDModule(L.LightningModule):
         self.hparams_num_classes = num_classes
         self._save_hyperparameters()
         self.backbone = backbone
+        # A backbone reads geometry only when it says so (`uses_geometry`): one written to the
+        # forward_features(frames, camids) contract keeps working.
+        self._geometry_inputs = bool(getattr(backbone, "uses_geometry", False))
         self.pooling = pooling(backbone.embed_dim)
         self.head_cls = BNNeck(backbone.embed_dim, num_classes)
         self.head_proj = BNNeck(backbone.proj_dim, num_classes)
@@ -146,7 +149,8 @@ class ReIDModule(L.LightningModule):
         Returns:
             dict with ``cls`` (B, D), ``proj`` (B, P), ``mid`` (B, D) or None, ``weights`` (B, T).
         """
-        out = self.backbone.forward_features(frames, camids, geometry, geometry_known)
+        geometry_inputs = (geometry, geometry_known) if self._geometry_inputs else ()
+        out = self.backbone.forward_features(frames, camids, *geometry_inputs)
         cls, weights = self.pooling(out.cls, mask)
         w = weights.unsqueeze(-1).to(out.proj.dtype)  # (B, T) -> (B, T, 1)
         proj = (w * out.proj).sum(1)

@@ -234,3 +234,17 @@ def test_geometry_preset_holds_its_cells_out_of_training(tmp_path):
     assert train and not set(train) & set(HELD_OUT_CELLS)
     held = sum(c in HELD_OUT_CELLS for c in test)
     assert 0.2 < held / len(test) < 0.8  # about held_out_share of the test identities' aerial tracklets
+
+
+def test_a_backbone_written_without_geometry_arguments_still_works():
+    from farreid.module import ReIDModule
+
+    class TwoArgumentBackbone(CLIPVisionBackbone):  # the documented forward_features(frames, camids) contract
+        def forward_features(self, frames, camids):
+            return super().forward_features(frames, camids)
+
+    torch.manual_seed(0)
+    model = ReIDModule(backbone=TwoArgumentBackbone(config=TINY_VISION_CONFIG, prompt_blocks=1), num_classes=3).eval()
+    batch = {"frames": torch.randn(2, 2, 3, 32, 16), "camid": torch.tensor([0, 1])}
+    geometry = {"geometry": torch.rand(2, 3), "geometry_known": torch.ones(2, 3, dtype=torch.bool)}
+    torch.testing.assert_close(model.embed({**batch, **geometry})[0], model.embed(batch)[0])
