@@ -205,3 +205,27 @@ def test_embed_reads_a_geometry_sidecar_and_rejects_a_wrong_one(fits, release, t
     code = embed.main([ckpt, str(release / QUERY), "--out", str(tmp_path / "o"), "--geometry-csv", str(sidecar)])
     assert code == 2 and f"no row for 1 tracklets of the dataset, e.g. {tracklets[0].name}" in capsys.readouterr().err
     assert not (tmp_path / "o" / "embeddings.npz").exists()
+
+
+@pytest.mark.slow
+def test_a_sidecar_on_a_test_only_release_covers_its_cases(release, tiny_checkpoint, tmp_path):
+    """`farreid test` on a release without train/: the CSV must name exactly the case tracklets, and is read."""
+    import shutil
+
+    from farreid.data.datasets import make_reader
+
+    root = tmp_path / "cases_only"
+    for case in ("case1_aerial_to_ground", "case2_ground_to_aerial", "case3_aerial_to_aerial"):
+        shutil.copytree(release / case, root / case)
+    names = sorted({t.name for t in make_reader("detreidx", root).test_set().tracklets})
+    sidecar = tmp_path / "geo.csv"
+    sidecar.write_text("tracklet,altitude,distance,pitch\n" + "".join(f"{n},50,20,60\n" for n in names))
+    source = '{"class_path": "farreid.data.geometry.CSVGeometry", "init_args": {"path": "%s"}}'
+    args = ["test", *TINY_RUN, "--data.root", str(root), "--ckpt_path", tiny_checkpoint]
+    args += ["--trainer.default_root_dir", str(tmp_path / "run"), "--evaluator.figures", "false"]
+    cli = main([*args, "--evaluator.report", "false", "--data.geometry", source % sidecar])
+    table = cli.datamodule._geometry_table
+    assert sorted(table) == names and all(known.all() for _, known in table.values())
+    sidecar.write_text("tracklet,altitude,distance,pitch\n" + "".join(f"{n},50,20,60\n" for n in names[1:]))
+    with pytest.raises(ValueError, match=f"no row for 1 tracklets of the dataset, e.g. {names[0]}"):
+        main([*args, "--evaluator.report", "false", "--data.geometry", source % sidecar])

@@ -204,12 +204,20 @@ class DetReIDXDataModule(L.LightningDataModule):
 
     def _geometry(self, tracklets: list[Tracklet], where: str) -> Geometry:
         """The tracklets' geometry from ``data.geometry``: file names per set; a sidecar or a predictor once over
-        the whole dataset (training and released cases), so that a CSV is checked against every tracklet."""
+        the whole dataset (training and released cases present under the root: a test-only release has no
+        ``train/``), so that a CSV is checked against every tracklet."""
         source = self.geometry_source
         if isinstance(source, FileNameGeometry):
             return source.geometry(tracklets, self.reader, where)
         if self._geometry_table is None:
-            every = list(self._train_tracklets) + list(self.reader.test_set().tracklets)
+            every = []
+            for part in (lambda: self._train_tracklets, lambda: self.reader.test_set().tracklets):
+                try:
+                    every += list(part())
+                except FileNotFoundError:  # that split is not in this release
+                    continue
+            listed = {e.name for e in every}
+            every += [t for t in tracklets if t.name not in listed]  # e.g. an evaluation folder of its own
             table = source.geometry(every, self.reader, "data.geometry")
             self._geometry_table = {t.name: (table.values[i], table.known[i]) for i, t in enumerate(every)}
         rows = [self._geometry_table[t.name] for t in tracklets]
