@@ -33,6 +33,11 @@ from farreid.optim import WarmupCosine, apply_lr_mult, reid_param_groups, schedu
 _PARTS = ["backbone", "pooling", "text", "objectives", "optimizer", "lr_scheduler"]
 
 
+def clip_inputs(batch: dict) -> tuple:
+    """(frames, camids, mask, geometry, geometry_known) of a batch; the optional ones None when absent."""
+    return tuple(batch.get(k) for k in ("frames", "camid", "mask", "geometry", "geometry_known"))
+
+
 class ReIDModule(L.LightningModule):
     """Video person ReID on CLIP: per-frame backbone features, temporal pooling, BNNeck heads.
 
@@ -91,6 +96,9 @@ class ReIDModule(L.LightningModule):
         self.hparams_num_classes = num_classes
         self._save_hyperparameters()
         self.backbone = backbone
+        # A backbone reads geometry only when it says so (`uses_geometry`): one written to the
+        # forward_features(frames, camids) contract keeps working.
+        self._geometry_inputs = bool(getattr(backbone, "uses_geometry", False))
         self.pooling = pooling(backbone.embed_dim)
         self.head_cls = BNNeck(backbone.embed_dim, num_classes)
         self.head_proj = BNNeck(backbone.proj_dim, num_classes)
@@ -122,17 +130,27 @@ class ReIDModule(L.LightningModule):
         self._hparams_initial.pop("num_classes", None)
 
     # ------------------------------------------------------------------------------------------ forward
-    def forward(self, frames: torch.Tensor, camids: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    def forward(
+        self,
+        frames: torch.Tensor,
+        camids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        geometry: torch.Tensor | None = None,
+        geometry_known: torch.Tensor | None = None,
+    ) -> dict:
         """Pooled clip features.
 
         Args:
             frames: (B, T, 3, H, W) normalised frames. camids: (B,) 0 ground, 1/2 UAV session.
             mask: (B, T) True on real frames, False on padding repeats.
+            geometry, geometry_known: (B, 3) normalised altitude, distance, pitch and their known-mask (None: all
+                unknown); read only by a backbone with a geometry mechanism.
 
         Returns:
             dict with ``cls`` (B, D), ``proj`` (B, P), ``mid`` (B, D) or None, ``weights`` (B, T).
         """
-        out = self.backbone.forward_features(frames, camids)
+        geometry_inputs = (geometry, geometry_known) if self._geometry_inputs else ()
+        out = self.backbone.forward_features(frames, camids, *geometry_inputs)
         cls, weights = self.pooling(out.cls, mask)
         w = weights.unsqueeze(-1).to(out.proj.dtype)  # (B, T) -> (B, T, 1)
         proj = (w * out.proj).sum(1)
@@ -140,7 +158,7 @@ class ReIDModule(L.LightningModule):
         return {"cls": cls, "proj": proj, "mid": mid, "weights": weights}
 
     def _embed_once(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self(batch["frames"], batch["camid"], batch.get("mask"))
+        out = self(*clip_inputs(batch))
         # The backbone runs under the trainer's precision; the heads, the sum and the normalisation of the
         # retrieval embedding run in float32 (under bf16 autocast the BNNeck output would keep 3 digits).
         with torch.autocast(out["cls"].device.type, enabled=False):
@@ -191,10 +209,10 @@ class ReIDModule(L.LightningModule):
                 raise RuntimeError("stage 1: this batch has no frames and no image features were cached")
             else:
                 with torch.no_grad():
-                    out = self(batch["frames"], batch["camid"], batch.get("mask"))
+                    out = self(*clip_inputs(batch))
                     image = F.normalize(out["proj"].float(), dim=1)
             return LossInputs(labels, image=image, text=F.normalize(self.text(labels).float(), dim=1))
-        out = self(batch["frames"], batch["camid"], batch.get("mask"))
+        out = self(*clip_inputs(batch))
         _, logits_cls = self.head_cls(out["cls"])
         _, logits_proj = self.head_proj(out["proj"])
         bank = self.text_bank if self.text is not None else None

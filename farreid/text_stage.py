@@ -52,7 +52,8 @@ def cache_image_features(module: L.LightningModule, loader: Iterable[dict]) -> t
             if frames.dtype == torch.uint8:  # the loaders' clips, normalised on the device
                 frames = normalize_clip(frames)
             mask = batch["mask"].to(module.device) if "mask" in batch else None
-            rows.append(F.normalize(module(frames, camid, mask)["proj"].float(), dim=1))
+            geometry = [batch[k].to(module.device) if k in batch else None for k in ("geometry", "geometry_known")]
+            rows.append(F.normalize(module(frames, camid, mask, *geometry)["proj"].float(), dim=1))
             indices.append(torch.as_tensor(batch["index"], device=module.device))
     module.train(was_training)
     index = torch.cat(indices)

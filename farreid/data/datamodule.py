@@ -9,12 +9,14 @@ from functools import cached_property
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from farreid.data.dataset import TrackletDataset
 from farreid.data.datasets import VideoReIDDataset, make_reader, reader_class
+from farreid.data.geometry import QUANTITIES, FileNameGeometry, Geometry, GeometrySource
 from farreid.data.index_cache import cache_path, cached_split, default_cache_dir
 from farreid.data.label_view import LabelView
 from farreid.data.loaders import compute_threads, eval_loader, select_rows, train_loader
@@ -64,6 +66,10 @@ class DetReIDXDataModule(L.LightningDataModule):
             ``ilidsvid``, ``prid``, ``dukevideo``, or the dotted path of a
             :class:`~farreid.data.datasets.VideoReIDDataset` subclass (see ``docs/DATASETS.md``).
         dataset_options: keyword options of that reader, e.g. ``{split_id: 3}`` for iLIDS-VID and PRID-2011.
+        geometry: where each tracklet's altitude, distance and pitch come from (:mod:`farreid.data.geometry`): None =
+            the frame names (:class:`~farreid.data.geometry.FileNameGeometry`), or a ``class_path`` such as
+            ``farreid.data.geometry.CSVGeometry`` (a sidecar CSV) or
+            ``farreid.data.geometry_predictor.PredictedGeometry`` (the ``aerialgeometry`` predictor).
     """
 
     def __init__(
@@ -92,6 +98,7 @@ class DetReIDXDataModule(L.LightningDataModule):
         classifier_size: int | None = None,
         dataset: str = "detreidx",
         dataset_options: dict | None = None,
+        geometry: GeometrySource | None = None,
     ) -> None:
         super().__init__()
         root = from_env(root, DATA_ENV)
@@ -104,7 +111,9 @@ class DetReIDXDataModule(L.LightningDataModule):
             raise ValueError(f"data.compute_threads must be None, 0 (auto) or a positive count, got {compute_threads}")
         if not 0.0 <= max_unreadable <= 1.0:
             raise ValueError(f"data.max_unreadable must be a share in [0, 1], got {max_unreadable}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["geometry"])
+        self.geometry_source = FileNameGeometry() if geometry is None else geometry
+        self._geometry_table: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
         self.root = str(root)
         self.num_frames_test = num_frames if num_frames_test is None else num_frames_test
         self.train_set: TrackletDataset | None = None
@@ -168,6 +177,7 @@ class DetReIDXDataModule(L.LightningDataModule):
                 labels=[label_of[t.pid] for t in tracklets],
                 seed=self.hparams.split_seed,
                 max_unreadable=self.hparams.max_unreadable,
+                geometry=self._geometry(tracklets, "train"),
             )
         if stage in ("fit", "validate") and "val" not in self.eval_sets and self.hparams.val_share > 0:
             _, val_pids = self._identity_split
@@ -191,6 +201,30 @@ class DetReIDXDataModule(L.LightningDataModule):
         if all(prompt(t) == t.camid for t in tracklets):
             return tracklets
         return [dataclasses.replace(t, camid=prompt(t)) for t in tracklets]
+
+    def _geometry(self, tracklets: list[Tracklet], where: str) -> Geometry:
+        """The tracklets' geometry from ``data.geometry``: file names per set; a sidecar or a predictor once over
+        the whole dataset (training and released cases present under the root: a test-only release has no
+        ``train/``), so that a CSV is checked against every tracklet."""
+        source = self.geometry_source
+        if isinstance(source, FileNameGeometry):
+            return source.geometry(tracklets, self.reader, where)
+        if self._geometry_table is None:
+            every = []
+            for part in (lambda: self._train_tracklets, lambda: self.reader.test_set().tracklets):
+                try:
+                    every += list(part())
+                except FileNotFoundError:  # that split is not in this release
+                    continue
+            listed = {e.name for e in every}
+            every += [t for t in tracklets if t.name not in listed]  # e.g. an evaluation folder of its own
+            table = source.geometry(every, self.reader, "data.geometry")
+            self._geometry_table = {t.name: (table.values[i], table.known[i]) for i, t in enumerate(every)}
+        rows = [self._geometry_table[t.name] for t in tracklets]
+        return Geometry(
+            values=np.stack([r[0] for r in rows]).reshape(-1, len(QUANTITIES)),
+            known=np.stack([r[1] for r in rows]).reshape(-1, len(QUANTITIES)),
+        )
 
     # ------------------------------------------------------------------------------------ dataloaders
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
@@ -251,6 +285,7 @@ class DetReIDXDataModule(L.LightningDataModule):
                 transform=self._transform(training=False),
                 dense=self.hparams.test_frames == "all",
                 max_unreadable=self.hparams.max_unreadable,
+                geometry=self._geometry(self.eval_sets[name].tracklets, name),
             )
         trainer = self.trainer
         return eval_loader(
@@ -280,6 +315,7 @@ class DetReIDXDataModule(L.LightningDataModule):
             transform=self._transform(training=False),
             labels=base.labels,
             max_unreadable=self.hparams.max_unreadable,
+            geometry=base.geometry,
         )
         self.train_set = LabelView(base, decoded=clips)
         return DataLoader(clips, batch_size=self.hparams.batch_size_test, num_workers=self.hparams.num_workers)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from farreid.data.geometry import FileNameGeometry, Geometry
 from farreid.data.sampling import frame_indices
 from farreid.data.tracklets import Tracklet
 from farreid.data.transforms import TrackletTransform
@@ -41,7 +42,9 @@ class TrackletDataset(Dataset):
 
     Items are dicts: ``frames`` (T, 3, H, W) uint8, ``mask`` (T,) bool (False on padding repeats), ``valid``
     bool, ``label`` int (-1 without labels), ``pid`` int, ``camid`` int, ``index`` int (the tracklet's position in
-    ``tracklets``), ``item`` int (the row; equals ``index`` unless ``dense``) and, when training, ``aug``
+    ``tracklets``), ``item`` int (the row; equals ``index`` unless ``dense``), ``geometry`` (3,) float32
+    normalised altitude, distance, pitch and ``geometry_known`` (3,) bool (:mod:`farreid.data.geometry`) and, when
+    training, ``aug``
     (NUM_PARAMS,) float32, the tracklet's augmentation parameters for :meth:`TrackletTransform.augment`.
 
     An item key is a row ``i`` or a pair ``(i, seed)``: with a seed the item's generator is ``random.Random(seed)``
@@ -66,6 +69,8 @@ class TrackletDataset(Dataset):
         dense: evaluation only: one row per chunk of T consecutive frames of every tracklet (the last chunk
             padded by repeating its last frame) instead of one row of T evenly spaced frames.
         max_unreadable: share of tracklets allowed to be unreadable before the error.
+        geometry: the tracklets' :class:`~farreid.data.geometry.Geometry` (row i for tracklet i); None parses it from
+            the DetReIDX frame names (aerial: altitude, distance, pitch; ground: unknown).
     """
 
     def __init__(
@@ -78,8 +83,12 @@ class TrackletDataset(Dataset):
         seed: int = 0,
         dense: bool = False,
         max_unreadable: float = 0.01,
+        geometry: Geometry | None = None,
     ) -> None:
         self.tracklets = list(tracklets)
+        self.geometry = FileNameGeometry().geometry(self.tracklets) if geometry is None else geometry
+        if len(self.geometry) != len(self.tracklets):
+            raise ValueError(f"geometry has {len(self.geometry)} rows but there are {len(self.tracklets)} tracklets")
         if labels is not None and len(labels) != len(self.tracklets):
             raise ValueError(f"labels has {len(labels)} entries but there are {len(self.tracklets)} tracklets")
         if num_frames < 1:
@@ -221,6 +230,8 @@ class TrackletDataset(Dataset):
             "camid": tracklet.camid,
             "index": index,
             "item": item,
+            "geometry": torch.from_numpy(self.geometry.values[source]),
+            "geometry_known": torch.from_numpy(self.geometry.known[source]),
         }
         if self.training:
             out["aug"] = self.transform.draw(rng)

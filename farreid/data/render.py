@@ -217,6 +217,13 @@ def _finish_aerial(
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
+def geometry_cast(spec: TrackletSpec, strength: float) -> np.ndarray:
+    """(3,) RGB gains of the geometry preset: bluer with altitude, darker with distance, a green shift with pitch."""
+    a, r, p = spec.altitude / 120, spec.distance / 120, (spec.pitch - 60) / 30
+    cast = np.array([1 - 0.35 * a, 1 - 0.1 * a + 0.15 * p, 1 + 0.35 * a])
+    return np.clip(cast * (1 - 0.3 * r), 0.2, 2.0) ** strength
+
+
 def render_tracklet(person: Person, spec: TrackletSpec, rng: np.random.Generator, cfg: dict) -> list[Image.Image]:
     """Render the frames of one tracklet: a walking figure, crop jitter, a few degraded frames."""
     d, s = cfg["difficulty"], _foreshortening(spec.pitch)
@@ -237,6 +244,8 @@ def render_tracklet(person: Person, spec: TrackletSpec, rng: np.random.Generator
         gains = gains * GROUND_GAINS[spec.camera - 1]
     elif spec.session == 2:
         gains = gains * (1 + d * (SESSION2_LIGHT - 1))
+    if spec.view == "aerial" and cfg.get("geometry_strength", 0.0):
+        gains = gains * geometry_cast(spec, cfg["geometry_strength"])
     margin = max(4, canvas_h // 10)
     scene = _background(rng, canvas_h + 2 * margin, canvas_w + 2 * margin)
     phase, stride, mirror = rng.uniform(0, 2 * math.pi), rng.uniform(0.5, 0.9), rng.random() < 0.5

@@ -7,8 +7,13 @@ noisy, more so with altitude and distance. Every tracklet has a few degraded fra
 near-empty crops), and the second UAV session changes part of some identities' appearance (jacket, bag), so
 A2A is the hardest case. The output is byte-identical for a given seed and arguments.
 
-Usage: ``python -m farreid.data.synthetic ROOT [--seed 0] [--anonymize]``; ``--layout mars`` (or agvpreid, g2a,
-lsvid, ilidsvid, prid, dukevideo) writes the same kind of people in another dataset's layout
+The ``geometry`` preset (``--preset geometry``, docs/GEOMETRY.md) makes the capture geometry matter more: a
+systematic colour cast and darkening that grow with altitude, distance and pitch on top of the scale, blur,
+foreshortening and haze, and :data:`HELD_OUT_CELLS`, (altitude bin, distance bin, pitch) combinations that no
+training tracklet has and that make up ``held_out_share`` of the test identities' aerial tracklets.
+
+Usage: ``python -m farreid.data.synthetic ROOT [--seed 0] [--anonymize] [--preset geometry]``; ``--layout mars``
+(or agvpreid, g2a, lsvid, ilidsvid, prid, dukevideo) writes the same kind of people in another dataset's layout
 (:mod:`farreid.data.layouts`).
 """
 
@@ -27,8 +32,43 @@ from farreid.data.detreidx import CASES
 from farreid.data.layouts import LAYOUTS, write_layout
 from farreid.data.render import TrackletSpec, render_tracklet, sample_people, second_session
 
+# The reporting bins of farreid.evaluation.queries (ALTITUDE_BINS, DISTANCE_BINS), repeated here because data/ does
+# not import evaluation/ (tests/test_geometry.py checks that they agree).
+ALTITUDE_EDGES = (0.0, 20.0, 40.0, 60.0, 80.0, 200.0)
+DISTANCE_EDGES = (0.0, 30.0, 60.0, 90.0, 200.0)
+# (altitude bin, distance bin, pitch): combinations held out of training by the geometry preset (farreid choice:
+# four cells spread over the grid so that every altitude bin but one, every distance bin and every pitch still
+# appear in training on their own; only the combination is new at test).
+HELD_OUT_CELLS = ((4, 0, 30), (0, 3, 90), (2, 1, 60), (3, 3, 30))
+PRESETS = {"geometry": {"geometry_strength": 1.0, "held_out_share": 0.4}}
 
-def plan_tracklets(rng: np.random.Generator, cfg: dict) -> list[TrackletSpec]:
+
+def geometry_cell(altitude: float, distance: float, pitch: int) -> tuple[int, int, int]:
+    """(altitude bin, distance bin, pitch) of an aerial tracklet, binned by ALTITUDE_EDGES and DISTANCE_EDGES."""
+    return (
+        int(np.searchsorted(ALTITUDE_EDGES, altitude, side="right")) - 1,
+        int(np.searchsorted(DISTANCE_EDGES, distance, side="right")) - 1,
+        int(pitch),
+    )
+
+
+def _aerial_geometry(rng: np.random.Generator, cfg: dict, test: bool) -> tuple[float, float, int]:
+    """Altitude (m), distance (m), pitch (deg) of one aerial tracklet; with held-out cells, training never draws
+    them and a test tracklet is drawn inside one with probability ``held_out_share``."""
+    if test and cfg["held_out"] and rng.random() < cfg["held_out_share"]:
+        a_bin, d_bin, pitch = HELD_OUT_CELLS[int(rng.integers(len(HELD_OUT_CELLS)))]
+        altitude = rng.uniform(max(ALTITUDE_EDGES[a_bin], 5.8), min(ALTITUDE_EDGES[a_bin + 1], 120.0))
+        distance = rng.uniform(max(DISTANCE_EDGES[d_bin], 5.0), min(DISTANCE_EDGES[d_bin + 1], 120.0))
+        return float(np.round(altitude, 1)), float(np.round(distance, 1)), int(pitch)
+    while True:
+        altitude = float(np.round(np.exp(rng.uniform(np.log(5.8), np.log(120.0))), 1))
+        distance = float(np.round(rng.uniform(5.0, 120.0), 1))
+        pitch = int(rng.choice([30, 60, 90]))
+        if not cfg["held_out"] or geometry_cell(altitude, distance, pitch) not in HELD_OUT_CELLS:
+            return altitude, distance, pitch
+
+
+def plan_tracklets(rng: np.random.Generator, cfg: dict, test: bool = False) -> list[TrackletSpec]:
     """The tracklets of one identity: ~``ground_tracklets`` ground, ~``session_tracklets`` per UAV session."""
     specs = []
     for session, base in ((0, cfg["ground_tracklets"]), (1, cfg["session_tracklets"]), (2, cfg["session_tracklets"])):
@@ -38,9 +78,7 @@ def plan_tracklets(rng: np.random.Generator, cfg: dict) -> list[TrackletSpec]:
             if session == 0:
                 specs.append(TrackletSpec("ground", 0, int(rng.integers(1, 4)), 0.0, 0.0, 0, length, first))
             else:
-                altitude = float(np.round(np.exp(rng.uniform(np.log(5.8), np.log(120.0))), 1))
-                distance = float(np.round(rng.uniform(5.0, 120.0), 1))
-                pitch = int(rng.choice([30, 60, 90]))
+                altitude, distance, pitch = _aerial_geometry(rng, cfg, test)
                 specs.append(
                     TrackletSpec("aerial", session, int(rng.integers(1, 3)), altitude, distance, pitch, length, first)
                 )
@@ -95,6 +133,8 @@ def generate(
     jpeg_quality: int = 90,
     workers: int = 1,
     overwrite: bool = False,
+    geometry_strength: float = 0.0,
+    held_out_share: float = 0.0,
 ) -> Path:
     """Write a synthetic dataset in the DetReIDX layout and return its root.
 
@@ -116,6 +156,10 @@ def generate(
         jpeg_quality: JPEG quality of every frame.
         workers: rendering processes (the output does not depend on it).
         overwrite: replace existing ``train/`` and case folders under ``root`` instead of raising.
+        geometry_strength: strength of the systematic, geometry-dependent colour cast and darkening of aerial
+            frames (0 = none, the default generator; 1 = the geometry preset).
+        held_out_share: > 0 holds :data:`HELD_OUT_CELLS` out of training; that share of the test identities' aerial
+            tracklets is drawn inside them (0 = no held-out geometry).
     """
     if min_frames < 1 or max_frames < min_frames:
         raise ValueError(f"need 1 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
@@ -131,11 +175,16 @@ def generate(
     cfg = dict(ground_tracklets=ground_tracklets, session_tracklets=session_tracklets, min_frames=min_frames)
     cfg.update(max_frames=max_frames, ground_size=tuple(ground_size), aerial_height=tuple(aerial_height))
     cfg.update(difficulty=difficulty, degraded_p=degraded_p, jpeg_quality=jpeg_quality, illumination=illumination)
+    if not 0.0 <= held_out_share <= 1.0 or geometry_strength < 0:
+        raise ValueError(
+            f"need 0 <= held_out_share <= 1 and geometry_strength >= 0, got {held_out_share}, {geometry_strength}"
+        )
+    cfg.update(geometry_strength=geometry_strength, held_out=held_out_share > 0, held_out_share=held_out_share)
     rng = np.random.default_rng([seed, 0])
     num_ids = num_train_ids + num_test_ids
     people = sample_people(num_ids, rng, upper_colours, lower_colours)
     looks2 = [second_session(p, rng, session_change_p) for p in people]
-    plans = [plan_tracklets(rng, cfg) for _ in people]
+    plans = [plan_tracklets(rng, cfg, test=i >= num_train_ids) for i in range(num_ids)]
     numbers = iter(rng.permutation(sum(len(p) for p in plans)) + 1000)  # tracklet numbers reveal no identity
     pids = [i + 1 for i in range(num_ids)]
     anon = rng.permutation(np.arange(1, 10_000))[: 6 * num_test_ids].reshape(3, 2, num_test_ids)  # (case, part, id)
@@ -184,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--session-change-p", type=float, default=0.5, help="appearance change between UAV sessions")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="geometry: docs/GEOMETRY.md")
+    parser.add_argument("--max-frames", type=int, default=20, help="longest tracklet (frames)")
     parser.add_argument(
         "--layout",
         default="detreidx",
@@ -193,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))  # every option but --layout is a keyword of `generate`
     start = time.perf_counter()
     layout = args.pop("layout")
+    args.update(PRESETS.get(args.pop("preset") or "", {}))
     if layout == "detreidx":
         root = generate(args.pop("root"), **args)
     else:

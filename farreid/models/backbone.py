@@ -8,7 +8,12 @@ where VSLA-CLIP puts them. Per block, with x the (B*T, N, d) tokens of every fra
     x = x + out_proj(a) + CrossFrameAdapter(h)          # attention across the T frames, per token position
     h2 = LN2(x);  x = x + MLP(h2) + IntraFrameAdapter(h2)
 
-Gates and adapter up projections start at zero, so a fresh model reproduces CLIP exactly. The cross-frame adapter
+Optionally (farreid's addition beyond the paper, :mod:`farreid.models.geometry`), each tracklet's altitude, distance
+and pitch condition the model: geometry prompt tokens added to the camera prompts, and a low-rank geometry-conditioned
+transformation of the queries and keys in chosen blocks.
+
+Gates, adapter up projections and the geometry modules' last layers start at zero, so a fresh model reproduces CLIP
+exactly. The cross-frame adapter
 reads LN1(x) rather than the raw residual stream, whose scale grows with depth, like the attention it parallels.
 """
 
@@ -24,11 +29,22 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from farreid.models import clip_dir
 from farreid.models.adapters import CrossFrameAdapter, IntraFrameAdapter
 from farreid.models.block import AdaptedBlock
+from farreid.models.geometry import GeometryEncoder, GeometryPrompts, GeometryQK
 from farreid.models.prompts import CameraPrompts, ZeroGatedPromptAttention
 
 _TEXT_KEYS = ("text_model.", "text_projection.", "logit_scale")
 # Modules added on top of CLIP: always trainable, full learning rate.
-_NEW_MODULES = frozenset({"intra_adapter", "cross_frame_adapter", "prompt_attention", "camera_prompts"})
+_NEW_MODULES = frozenset(
+    {
+        "intra_adapter",
+        "cross_frame_adapter",
+        "prompt_attention",
+        "camera_prompts",
+        "geometry_encoder",
+        "geometry_prompts",
+        "geometry_qk",
+    }
+)
 _EXPECTED_DIR = "a local directory saved by CLIPModel, CLIPVisionModel or CLIPVisionModelWithProjection.save_pretrained"
 
 
@@ -108,6 +124,12 @@ class CLIPVisionBackbone(nn.Module):
             (activation checkpointing: about +1/3 of the compute of each such block, its activations not kept);
             0 = none, -1 = all. The first blocks are chosen because the last ones usually train in full, so
             their weights' gradients need their inputs anyway. See docs/GPU.md for picking N from memory.
+        geometry_prompts: add prompt tokens generated from the tracklet's geometry to the camera prompts (needs
+            prompt_blocks > 0).
+        geometry_qk_blocks: blocks (negative counts from the end) whose queries and keys get the geometry-conditioned
+            low-rank transformation; None or [] = off.
+        geometry_qk_rank: rank of that transformation.
+        geometry_dim: width of the geometry code. geometry_frequencies: Fourier frequencies per quantity.
         compile: compile each block with `torch.compile` (one graph per block: the loop, the prompts and the
             output reshapes stay eager). Off by default; needs a C compiler on the CPU and Triton on a GPU.
     """
@@ -128,6 +150,11 @@ class CLIPVisionBackbone(nn.Module):
         prompt_tokens: int = 4,
         mid_block: int | None = -4,
         checkpoint_blocks: int = 0,
+        geometry_prompts: bool = False,
+        geometry_qk_blocks: list[int] | None = None,
+        geometry_qk_rank: int = 4,
+        geometry_dim: int = 64,
+        geometry_frequencies: int = 4,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -149,6 +176,10 @@ class CLIPVisionBackbone(nn.Module):
         if prompt_blocks > depth:
             warnings.warn(f"CLIPVisionBackbone: prompt_blocks={prompt_blocks} > depth {depth}, using all", stacklevel=2)
         self.mid_block = None if mid_block is None else _block_index(mid_block, depth, "mid_block", clip=True)
+        qk_blocks = {_block_index(i, depth, "geometry_qk_blocks", clip=False) for i in geometry_qk_blocks or ()}
+        if geometry_prompts and not self.num_prompt_blocks:
+            raise ValueError("CLIPVisionBackbone.geometry_prompts=true needs camera prompts (prompt_blocks > 0)")
+        self.uses_geometry = bool(geometry_prompts or qk_blocks)
 
         self.embeddings = vision.embeddings
         self.pre_layrnorm = vision.pre_layrnorm
@@ -160,6 +191,7 @@ class CLIPVisionBackbone(nn.Module):
                 if adapter_dim and cross_frame_adapter and i in chosen
                 else None,
                 ZeroGatedPromptAttention(heads) if i < self.num_prompt_blocks else None,
+                GeometryQK(dim, geometry_qk_rank, geometry_dim) if i in qk_blocks else None,
             )
             for i, layer in enumerate(layers)
         )
@@ -167,6 +199,10 @@ class CLIPVisionBackbone(nn.Module):
         self.visual_projection = tower.visual_projection
         self.camera_prompts = (
             CameraPrompts(self.num_prompt_blocks, num_cameras, prompt_tokens, dim) if self.num_prompt_blocks else None
+        )
+        self.geometry_encoder = GeometryEncoder(geometry_dim, geometry_frequencies) if self.uses_geometry else None
+        self.geometry_prompts = (
+            GeometryPrompts(self.num_prompt_blocks, prompt_tokens, dim, geometry_dim) if geometry_prompts else None
         )
         self._projection_is_new = projection_is_new
         self._set_trainable(trainable_blocks, projection_is_new)
@@ -238,12 +274,21 @@ class CLIPVisionBackbone(nn.Module):
             raise ValueError(f"frames of {height}x{width} pixels: both sides must be at least the patch size {patch}")
         return height // patch, width // patch
 
-    def forward_features(self, frames: torch.Tensor, camids: torch.Tensor) -> BackboneOutput:
+    def forward_features(
+        self,
+        frames: torch.Tensor,
+        camids: torch.Tensor,
+        geometry: torch.Tensor | None = None,
+        geometry_known: torch.Tensor | None = None,
+    ) -> BackboneOutput:
         """Encode every frame of a batch of clips.
 
         Args:
             frames: (B, T, 3, H, W) normalised pixels; cropped to whole patches (see :meth:`patch_grid`).
             camids: (B,) integer camera ids in [0, num_cameras).
+            geometry: (B, 3) normalised altitude, distance, pitch (:mod:`farreid.data.geometry`), or None (all
+                unknown). Read only when a geometry mechanism is on.
+            geometry_known: (B, 3) bool, True where the value is known.
 
         Returns:
             BackboneOutput with cls (B, T, D), proj (B, T, P), mid_cls (B, T, D) | None.
@@ -265,13 +310,18 @@ class CLIPVisionBackbone(nn.Module):
         if self.camera_prompts is not None:
             self.camera_prompts.check_camids(camids)
         frame_camids = camids.repeat_interleave(num_frames)  # (B,) -> (B*T,)
+        codes = None if self.geometry_encoder is None else self.geometry_encoder.codes(batch, geometry, geometry_known)
+        geo_prompts = None if self.geometry_prompts is None else self.geometry_prompts(codes)  # (B, K, P, D)
+        frame_codes = None if codes is None else codes.repeat_interleave(num_frames, dim=0)  # (B, E) -> (B*T, E)
         mid = None
         for i, block in enumerate(self.blocks):
             prompts = self.camera_prompts(i, frame_camids) if i < self.num_prompt_blocks else None  # (B*T, P, D)
+            if prompts is not None and geo_prompts is not None:
+                prompts = prompts + geo_prompts[:, i].repeat_interleave(num_frames, dim=0).to(prompts.dtype)
             if i < self.checkpoint_blocks and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, num_frames, prompts, use_reentrant=False)
+                x = checkpoint(block, x, num_frames, prompts, frame_codes, use_reentrant=False)
             else:
-                x = block(x, num_frames, prompts)
+                x = block(x, num_frames, prompts, frame_codes)
             if i == self.mid_block:
                 mid = self.post_layernorm(x[:, 0])  # (B*T, D)
         cls = self.post_layernorm(x[:, 0])  # (B*T, D)
@@ -279,6 +329,6 @@ class CLIPVisionBackbone(nn.Module):
         # (B*T, D | P) -> (B, T, D | P)
         return BackboneOutput(*(None if t is None else t.reshape(batch, num_frames, -1) for t in (cls, proj, mid)))
 
-    def forward(self, frames: torch.Tensor, camids: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) frames and (B,) camids -> (B, T, D) post-layernorm CLS per frame."""
-        return self.forward_features(frames, camids).cls
+    def forward(self, frames: torch.Tensor, camids: torch.Tensor, geometry=None, geometry_known=None) -> torch.Tensor:
+        """(B, T, 3, H, W) frames, (B,) camids and optional (B, 3) geometry -> (B, T, D) post-layernorm CLS."""
+        return self.forward_features(frames, camids, geometry, geometry_known).cls

@@ -6,7 +6,9 @@ writes ``emb/a2g_query/embeddings.npz`` (``embeddings`` (N, F) float32, row i fo
 ``emb/a2g_query/tracklets.csv`` (one row per tracklet: index, split, name, pid, camid, view, altitude, distance,
 pitch, num_frames, folder). The folder can be a case's query or gallery, a whole release (every
 ``.../PID/TRACKLET`` tree under it), any ``ROOT/PID/TRACKLET`` tree, or a folder of ``TRACKLET`` folders without
-PIDs (pid -1). No ``train/`` is read: the model is rebuilt from the checkpoint's own hyperparameters.
+PIDs (pid -1). No ``train/`` is read: the model is rebuilt from the checkpoint's own hyperparameters. A checkpoint
+with geometry conditioning (docs/GEOMETRY.md) reads each tracklet's altitude, distance and pitch from the frame
+names, or from ``--geometry-csv FILE`` (``tracklet,altitude,distance,pitch``, one row per tracklet of the folder).
 
 In Python::
 
@@ -33,6 +35,7 @@ from torch.utils.data import DataLoader
 from farreid._quiet import quiet_known_messages
 from farreid.data.dataset import TrackletDataset
 from farreid.data.detreidx import parse_frame_name
+from farreid.data.geometry import CSVGeometry, FileNameGeometry, GeometrySource
 from farreid.data.index_cache import read_split
 from farreid.data.tracklets import IMAGE_SUFFIXES, Tracklet
 from farreid.data.transforms import TrackletTransform, normalize_clip
@@ -128,6 +131,7 @@ def embed_folder(
     batch_size: int = 16,
     num_workers: int = 0,
     precision: str = "32",
+    geometry: GeometrySource | None = None,
 ) -> tuple[list[dict], np.ndarray]:
     """Embed every tracklet under ``folder`` with a :class:`~farreid.module.ReIDModule` (its ``embed``).
 
@@ -138,6 +142,8 @@ def embed_folder(
             ``data.num_frames_test``.
         batch_size: clips per forward pass. num_workers: DataLoader workers.
         precision: "32" or "bf16" (autocast on the model's device).
+        geometry: where the tracklets' altitude, distance and pitch come from (read by a checkpoint with a geometry
+            mechanism, docs/GEOMETRY.md); None = the frame names.
 
     Returns:
         (metadata rows as in ``tracklets.csv``, (N, F) float32 L2-normalised embeddings, row i for row i).
@@ -154,11 +160,13 @@ def embed_folder(
         raise ValueError(f"precision must be '32' or 'bf16', got {precision!r}")
     found = find_tracklets(folder)
     rows = [metadata_row(i, split, t) for i, (split, t) in enumerate(found)]
+    tracklets = [t for _, t in found]
     dataset = TrackletDataset(
-        [t for _, t in found],
+        tracklets,
         num_frames=num_frames,
         training=False,
         transform=TrackletTransform(image_size=image_size, training=False),
+        geometry=(geometry or FileNameGeometry()).geometry(tracklets, where=str(folder)),
     )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     device = next(model.parameters()).device
@@ -276,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default: auto)")
     parser.add_argument("--precision", choices=("32", "bf16"), default="32", help="autocast dtype (default: 32)")
     parser.add_argument("--overwrite", action="store_true", help="replace embeddings already in --out")
+    parser.add_argument(
+        "--geometry-csv",
+        default=None,
+        help="tracklet,altitude,distance,pitch sidecar for a geometry checkpoint (default: the frame names)",
+    )
     return parser
 
 
@@ -293,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             precision=args.precision,
+            geometry=CSVGeometry(args.geometry_csv) if args.geometry_csv else None,
         )
         npz, table = write_embeddings(args.out, rows, embeddings, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:

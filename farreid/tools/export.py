@@ -6,7 +6,9 @@ The graph takes ``frames`` (B, T, 3, H, W) float32, normalised as in training (C
 (B,) int64 (0 ground, 1/2 UAV session), and returns ``embedding`` (B, F) float32, exactly what ``farreid test``
 scores (BNNeck features, flip TTA if the checkpoint uses it). B is dynamic; T, H and W are fixed to the
 checkpoint's evaluation clip (``data.num_frames_test``, ``data.image_size``) unless given. Every frame counts as
-real (no padding mask): clips of T frames, as ``farreid embed`` builds them.
+real (no padding mask): clips of T frames, as ``farreid embed`` builds them. A checkpoint with a geometry
+mechanism (``docs/GEOMETRY.md``) takes two more inputs, ``geometry`` (B, 3) float32 (altitude, distance, pitch
+scaled by ``farreid.data.geometry.RANGES``) and ``geometry_known`` (B, 3) bool.
 Needs the ``export`` extra (``pip install 'farreid[export]'``: onnx, onnxscript, onnxruntime for the check).
 """
 
@@ -32,9 +34,12 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, frames: torch.Tensor, camids: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) frames, (B,) camids -> (B, F) L2-normalised embeddings."""
-        return self.module.embed({"frames": frames, "camid": camids})[0]
+    def forward(self, frames: torch.Tensor, camids: torch.Tensor, geometry=None, geometry_known=None) -> torch.Tensor:
+        """(B, T, 3, H, W) frames, (B,) camids [, (B, 3) geometry, (B, 3) bool known] -> (B, F) embeddings."""
+        batch = {"frames": frames, "camid": camids}
+        if geometry is not None:
+            batch.update(geometry=geometry, geometry_known=geometry_known)
+        return self.module.embed(batch)[0]
 
 
 def export_onnx(
@@ -53,6 +58,9 @@ def export_onnx(
     height, width = image_size
     frames = torch.randn(2, num_frames, 3, height, width)
     camids = torch.tensor([0, 1], dtype=torch.long)
+    inputs = (frames, camids)
+    if getattr(module.backbone, "uses_geometry", False):  # one known aerial and one unknown (ground) row
+        inputs += (torch.tensor([[0.2, 0.3, 0.5], [0.0, 0.0, 0.0]]), torch.tensor([[True] * 3, [False] * 3]))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1)
@@ -67,7 +75,7 @@ def export_onnx(
     if prompts is not None:
         prompts.check_camids = lambda camids: None
     try:
-        _export(wrapper, frames, camids, path, batch, opset)
+        _export(wrapper, inputs, path, batch, opset)
     finally:
         table.requires_grad_(not frozen)
         if prompts is not None:
@@ -75,17 +83,18 @@ def export_onnx(
     return path
 
 
-def _export(wrapper: nn.Module, frames, camids, path: Path, batch, opset: int) -> None:
+def _export(wrapper: nn.Module, inputs: tuple, path: Path, batch, opset: int) -> None:
+    names = ["frames", "camids", "geometry", "geometry_known"][: len(inputs)]
     with torch.no_grad(), warnings.catch_warnings():
         # frames and camids share the batch axis on purpose; the exporter notes that it keeps one name for it.
         warnings.filterwarnings("ignore", message="# The axis name: batch will not be used")
         torch.onnx.export(
             wrapper,
-            (frames, camids),
+            inputs,
             str(path),
-            input_names=["frames", "camids"],
+            input_names=names,
             output_names=["embedding"],
-            dynamic_shapes={"frames": {0: batch}, "camids": {0: batch}},
+            dynamic_shapes={name: {0: batch} for name in names},
             opset_version=opset,
             dynamo=True,
             external_data=False,

@@ -27,6 +27,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from farreid.data.geometry import UNKNOWN
 from farreid.data.protocols import EvalSet
 from farreid.data.tracklets import FrameNamesBuilder, Tracklet
 
@@ -82,6 +83,11 @@ class VideoReIDDataset(ABC):
         """The camera-prompt id for the model: 0 ground, 1 aerial (farreid choice: view-level prompts, so that the
         prompt table of a checkpoint fits every dataset; the baseline sizes it per dataset, ``num_camera``)."""
         return GROUND_PROMPT if tracklet.view == "ground" else AERIAL_PROMPT
+
+    def name_geometry(self, tracklet: Tracklet) -> tuple[float, float, float]:
+        """(altitude m, distance m, pitch deg) that the tracklet's names carry, NaN where they carry none (the default:
+        no geometry; :mod:`farreid.data.geometry`)."""
+        return UNKNOWN
 
     def cached_splits(self, stage: str, test_split: str) -> list[str]:
         """The folder splits (for :func:`~farreid.data.index_cache.cached_split`) that ``stage`` reads, so that the

@@ -9,6 +9,7 @@ camera 0).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 
 from farreid.data.datasets.base import VideoReIDDataset
 from farreid.data.detreidx import CASES, EXPECTED_LAYOUT, case_split
+from farreid.data.geometry import UNKNOWN, name_geometry
 from farreid.data.index_cache import read_split
 from farreid.data.protocols import EvalSet, released_cases, validation_cases
 from farreid.data.tracklets import Tracklet
@@ -83,6 +85,9 @@ class DetReIDX(VideoReIDDataset):
     def prompt_camera(self, tracklet: Tracklet) -> int:
         return tracklet.camid  # 0 ground, 1/2 the UAV session: the prompt ids themselves
 
+    def name_geometry(self, tracklet: Tracklet) -> tuple[float, float, float]:
+        return name_geometry(tracklet)  # aerial frames name altitude, distance and pitch (DOMAIN.md section 2)
+
     def cached_splits(self, stage: str, test_split: str) -> list[str]:
         splits = ["train"] if stage in ("fit", "validate") or test_split == "val" else []
         if stage in ("test", "predict") and test_split == "cases":
@@ -120,6 +125,25 @@ class AGVPReID(VideoReIDDataset):
     )
     CASES = ("A2G", "G2A")
     FOLDERS = {"A2G": "case1_aerial_to_ground", "G2A": "case2_ground_to_aerial"}
+
+    def __init__(self, root, cache_dir=None, altitude_unit_m: float | None = None) -> None:
+        """``altitude_unit_m``: metres per unit of the frame names' ``A`` field. The dataset does not document the
+        field's unit, so farreid reads no altitude unless it is given (``--data.dataset_options
+        '{altitude_unit_m: 1.0}'`` when ``A`` is in metres); then aerial tracklets carry that altitude as geometry
+        (distance and pitch stay unknown)."""
+        super().__init__(root, cache_dir)
+        if altitude_unit_m is not None and not altitude_unit_m > 0:
+            raise ValueError(f"agvpreid altitude_unit_m must be a positive number of metres, got {altitude_unit_m}")
+        self.altitude_unit_m = altitude_unit_m
+
+    def name_geometry(self, tracklet: Tracklet) -> tuple[float, float, float]:
+        if self.altitude_unit_m is None or tracklet.view != "aerial" or not len(tracklet.frames):
+            return UNKNOWN
+        name = os.path.basename(tracklet.frames[0])
+        match = AGVPREID_NAME.match(name)
+        if match is None:
+            raise ValueError(f"frame {tracklet.frames[0]}: {name!r} is not an AG-VPReID name P<pid>T<date>A<alt>...")
+        return (int(match.group(3)) * self.altitude_unit_m, math.nan, math.nan)
 
     def _read(self, split: str) -> list[Tracklet]:
         return read_folder_split(str(self.root), split, self.cache_dir, parse_agvpreid_name)
