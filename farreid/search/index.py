@@ -96,8 +96,8 @@ def choose_spec(num: int, dim: int, kind: str = "auto", storage: str | None = No
     auto: ``flat`` when ``num <= EXACT_MAX`` else ``ivf``. ivf, ivfpq: nlist = sqrt(num) rounded to a power of two
     (the wiki's low end, farreid choice: k-means training on a CPU grows with nlist), at most num / 39 (FAISS wants
     39 training points a centroid); 8-bit PQ codes when num >= 9,984 (39 x 256), fewer bits below; training on
-    min(num, 64 nlist) vectors (ivfpq: at least 9,984); nprobe = nlist / 2 (farreid choice: recall@100 >= 0.99 on the anisotropic
-    distributions of benchmarks/search.py).
+    min(num, 64 nlist) vectors (ivfpq: at least 9,984); nprobe = nlist / 2 (farreid choice: recall@100 >= 0.99 on
+    the anisotropic distributions of benchmarks/search.py, not on isotropic ones; docs/BENCHMARKS.md).
     """
     if kind == "auto":
         kind = "flat" if num <= EXACT_MAX else "ivf"
