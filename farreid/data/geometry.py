@@ -16,6 +16,7 @@ import csv
 import math
 import os
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,9 +89,10 @@ def name_geometry(tracklet: Tracklet) -> tuple[float, float, float]:
     return (tracklet.altitude, tracklet.distance, tracklet.angle)
 
 
-class GeometrySource:
+class GeometrySource(ABC):
     """Where the tracklets' geometry comes from (``data.geometry``); subclasses implement :meth:`raw`."""
 
+    @abstractmethod
     def raw(self, tracklets: Sequence[Tracklet], reader=None) -> np.ndarray:
         """(N, 3) altitude (m), distance (m), pitch (deg) of the tracklets; NaN where unknown.
 
@@ -98,7 +100,7 @@ class GeometrySource:
             tracklets: every tracklet the datamodule will read (training and evaluation, one call).
             reader: the dataset reader (a :class:`~farreid.data.datasets.base.VideoReIDDataset`), or None.
         """
-        raise NotImplementedError
+        ...
 
     def geometry(self, tracklets: Sequence[Tracklet], reader=None, where: str = "geometry") -> Geometry:
         """The normalised :class:`Geometry` of ``tracklets`` (out-of-range values reported, then unknown)."""

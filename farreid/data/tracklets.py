@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from abc import abstractmethod
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -101,9 +102,9 @@ class FrameSequence(Sequence[str]):
     def __init__(self, folder: str, first: int, count: int) -> None:
         self.folder, self.first, self.count = folder, first, count
 
+    @abstractmethod
     def name(self, i: int) -> str:
         """The file name of frame ``i`` (0 <= i < count), without the folder."""
-        raise NotImplementedError
 
     def __len__(self) -> int:
         return self.count

@@ -46,6 +46,7 @@ class _Neighbours:
         self.query_index = faiss.IndexFlatIP(queries.shape[1])
         self.query_index.add(queries)
         total = self.num + len(queries)
+        self.k_rows = min(width, int(allowed.sum()) if allowed is not None else self.num)  # rows a list can name
         self.have = np.zeros(total, dtype=bool)
         self.have_max = np.zeros(total, dtype=bool)
         self.ids = np.full((total, width), -1, dtype=np.int64)
@@ -62,14 +63,11 @@ class _Neighbours:
 
     def fill(self, items: np.ndarray) -> None:
         """Neighbour lists for the items that have none yet (in batches of ``SEARCH_BATCH``: bounded memory)."""
-        items = items[~self.have[items]]
-        for start in range(0, len(items), SEARCH_BATCH):
-            self._fill(items[start : start + SEARCH_BATCH])
+        _batched(items[~self.have[items]], self._fill)
 
     def _fill(self, items: np.ndarray) -> None:
         vec = self.vectors(items)
-        k_rows = min(self.width, int(self.allowed.sum()) if self.allowed is not None else self.num)
-        d_rows, i_rows = self.index.search(vec, k_rows, allowed=self.allowed, **self.kwargs)
+        d_rows, i_rows = self.index.search(vec, self.k_rows, allowed=self.allowed, **self.kwargs)
         k_q = min(self.width, len(self.queries))
         scores, i_q = self.query_index.search(vec, k_q)
         dist, ids = merge_topk([(d_rows, i_rows), (2.0 - 2.0 * scores, i_q + self.num)], self.width)
@@ -78,9 +76,7 @@ class _Neighbours:
 
     def maxima(self, items: np.ndarray) -> None:
         """Distance maxima for the items that have none yet (only the rows that get an encoding read them)."""
-        items = items[~self.have_max[items]]
-        for start in range(0, len(items), SEARCH_BATCH):
-            self._maxima(items[start : start + SEARCH_BATCH])
+        _batched(items[~self.have_max[items]], self._maxima)
 
     def _maxima(self, items: np.ndarray) -> None:
         vec = self.vectors(items)
@@ -90,6 +86,12 @@ class _Neighbours:
         # |v - u|^2 = 2 - 2 v.u and the search of -v reports 2 + 2 v.u: the farthest u is 4 minus it.
         self.row_max[items] = np.maximum(4.0 - far_rows[:, 0], 2.0 + 2.0 * far_q[:, 0])
         self.have_max[items] = True
+
+
+def _batched(items: np.ndarray, step) -> None:
+    """``step`` on ``items`` in slices of ``SEARCH_BATCH`` (bounded vectors and results at a time)."""
+    for start in range(0, len(items), SEARCH_BATCH):
+        step(items[start : start + SEARCH_BATCH])
 
 
 def candidate_rerank(
